@@ -1,0 +1,393 @@
+"""De-duplicate detections found twice where tiles overlap: pure numpy kernels, no dask, no I/O.
+
+The work is split so that nothing is ever quadratic in the number of boxes:
+
+1. :func:`overlapping_pairs` finds the few pairs of boxes that touch at all, with a hierarchical grid;
+2. :func:`pair_overlap` scores those pairs (IoU or IoS), and only pairs above the threshold are kept as edges;
+3. :func:`nms` / :func:`soft_nms` run the classic sequential algorithms over that sparse graph only, so Python-level
+   work is proportional to the number of boxes that have a duplicate, not to the size of the table.
+
+Both algorithms give exactly the result of their textbook O(N²) form (``tests/test_merge.py`` checks this).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import numpy as np
+
+from mr.detections import Detections
+from mr.errors import InvalidInputError
+
+METHODS = ("nms", "soft-nms", "none")
+METRICS = ("iou", "ios")
+_HALF_NEIGHBOURS = ((1, 0), (-1, 1), (0, 1), (1, 1))
+_ALL_NEIGHBOURS = tuple((dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+_BASE_CELL_QUANTILE = 0.99
+_EMPTY_PAIRS = (np.empty(0, np.int64), np.empty(0, np.int64))
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    """How detections from overlapping tiles are merged; resolved once, then passed to :func:`deduplicate`."""
+
+    method: str = "nms"
+    """``"nms"`` drops duplicates, ``"soft-nms"`` lowers their scores (Gaussian), ``"none"`` keeps everything."""
+    threshold: float = 0.75
+    """Overlap strictly above which two boxes are duplicates (nms) or decay each other (soft-nms); in (0, 1]."""
+    metric: str = "iou"
+    """``"iou"``, or ``"ios"`` (intersection over the smaller box) which also catches a box truncated by a tile
+    edge lying inside the whole box found by the neighbouring tile."""
+    class_aware: bool = True
+    """Compare only boxes of the same class."""
+    sigma: float = 0.5
+    """Soft-NMS: a duplicate's score is multiplied by ``exp(-overlap**2 / sigma)``; > 0."""
+    skip_box_threshold: float = 0.001
+    """Soft-NMS: boxes whose (decayed) score is below this are dropped; in [0, 1]."""
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, METHODS)
+        _check_choice("metric", self.metric, METRICS)
+        _check_threshold(self.threshold)
+        if not isinstance(self.class_aware, (bool, np.bool_)):
+            raise InvalidInputError("class_aware", self.class_aware, "must be True or False")
+        _check_sigma(self.sigma)
+        _check_skip(self.skip_box_threshold)
+
+
+def _check_choice(field: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise InvalidInputError(field, value, f"must be one of {', '.join(map(repr, allowed))}")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_threshold(value: object) -> None:
+    if not (_is_number(value) and 0 < value <= 1):
+        raise InvalidInputError("threshold", value, "must be a number in (0, 1]; 1 disables suppression")
+
+
+def _check_sigma(value: object) -> None:
+    if not (_is_number(value) and 0 < value < np.inf):
+        raise InvalidInputError("sigma", value, "must be a finite number > 0, e.g. 0.5")
+
+
+def _check_skip(value: object) -> None:
+    if not (_is_number(value) and 0 <= value <= 1):
+        raise InvalidInputError("skip_box_threshold", value, "must be a number in [0, 1]; 0 never drops a box")
+
+
+def _as_boxes(boxes: np.ndarray) -> np.ndarray:
+    """Boxes as float64 (n, 4), finite, with x1 >= x0 and y1 >= y0 (zero-area boxes are allowed)."""
+    array = np.asarray(boxes, dtype=np.float64)
+    if array.size == 0:
+        return array.reshape(0, 4)
+    if array.ndim != 2 or array.shape[1] != 4:
+        raise InvalidInputError("boxes", array.shape, "must have shape (n, 4): x0, y0, x1, y1")
+    if not np.isfinite(array).all():
+        raise InvalidInputError("boxes", "non-finite values", "every coordinate must be finite")
+    if (array[:, 2] < array[:, 0]).any() or (array[:, 3] < array[:, 1]).any():
+        bad = int(np.flatnonzero((array[:, 2] < array[:, 0]) | (array[:, 3] < array[:, 1]))[0])
+        raise InvalidInputError("boxes", array[bad].tolist(), f"row {bad} has x1 < x0 or y1 < y0")
+    return array
+
+
+def _as_column(field: str, values: np.ndarray | None, n: int, kind: str) -> np.ndarray | None:
+    """A per-box column of length n: finite floats (``kind="f"``) or integers (``kind="i"``)."""
+    if values is None:
+        return None
+    array = np.asarray(values)
+    if array.shape != (n,):
+        raise InvalidInputError(field, array.shape, f"must have shape ({n},), one value per box")
+    if kind == "i" and n and array.dtype.kind not in "iu":
+        raise InvalidInputError(field, array.dtype, "must be integers (e.g. class ids)")
+    if kind == "f" and not np.isfinite(array.astype(np.float64)).all():
+        raise InvalidInputError(field, "non-finite values", "every score must be finite")
+    return array
+
+
+def _group_codes(groups: np.ndarray) -> np.ndarray:
+    """Small non-negative int64 codes with the same equality as ``groups`` (they become the top bits of a key)."""
+    if len(groups) == 0:
+        return np.zeros(0, np.int64)
+    low, high = int(groups.min()), int(groups.max())
+    if high - low < 1 << 20:
+        return groups.astype(np.int64) - low
+    return np.unique(groups, return_inverse=True)[1].astype(np.int64).reshape(-1)
+
+
+def _spread_bits(v: np.ndarray) -> np.ndarray:
+    """Put bit b of each (< 2**31) value at bit 2b: half of a Morton code."""
+    v = (v | (v << 16)) & 0x0000FFFF0000FFFF
+    v = (v | (v << 8)) & 0x00FF00FF00FF00FF
+    v = (v | (v << 4)) & 0x0F0F0F0F0F0F0F0F
+    v = (v | (v << 2)) & 0x3333333333333333
+    return (v | (v << 1)) & 0x5555555555555555
+
+
+def _cell_key(cx: np.ndarray, cy: np.ndarray, codes: np.ndarray, bits: int) -> np.ndarray:
+    """Group code above a Morton code: sorting by it sorts by cell, and ``key >> 2k`` is the key of the parent cell
+    k levels up, so one sort serves every level of the grid."""
+    return (codes << (2 * bits)) | _spread_bits(cx) | (_spread_bits(cy) << 1)
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Integer cell coordinates of both corners of every box in a grid of ``2**bits`` square cells a side."""
+
+    cx0: np.ndarray
+    cy0: np.ndarray
+    cx1: np.ndarray
+    cy1: np.ndarray
+    bits: int
+
+
+def _build_grid(boxes: np.ndarray, codes: np.ndarray) -> _Grid:
+    """Cells about as large as nearly all boxes; a few huge boxes must not set the size for everyone.
+
+    Coordinates are mapped by a monotone function, so overlapping boxes provably have corner cells at most one apart
+    at the level where both fit; no epsilon is needed."""
+    sides = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    origin = boxes[:, :2].min(axis=0)
+    extent = float(np.max(boxes[:, 2:].max(axis=0) - origin))
+    if not np.isfinite(extent):
+        raise InvalidInputError("boxes", extent, "coordinates span more than float64 can hold")
+    bits = min(31, (62 - int(codes.max(initial=0)).bit_length()) // 2)
+    cell = max(float(np.quantile(sides, _BASE_CELL_QUANTILE)), extent / ((1 << bits) - 2))
+    scale, top = 1.0 / cell, float((1 << bits) - 1)
+
+    def coord(values: np.ndarray, axis_origin: float) -> np.ndarray:
+        return np.clip(np.floor((values - axis_origin) * scale), 0, top).astype(np.int64)
+
+    return _Grid(coord(boxes[:, 0], origin[0]), coord(boxes[:, 1], origin[1]),
+                 coord(boxes[:, 2], origin[0]), coord(boxes[:, 3], origin[1]), bits)
+
+
+def _levels(grid: _Grid) -> np.ndarray:
+    """The coarsest-needed level of each box: the first k at which its corners' cells ``>> k`` are at most one apart."""
+    level = np.zeros(len(grid.cx0), np.int64)
+    todo = np.flatnonzero((grid.cx1 - grid.cx0 > 1) | (grid.cy1 - grid.cy0 > 1))
+    k = 0
+    while todo.size:
+        k += 1
+        fits = ((grid.cx1[todo] >> k) - (grid.cx0[todo] >> k) <= 1) & ((grid.cy1[todo] >> k) - (grid.cy0[todo] >> k) <= 1)
+        level[todo[fits]] = k
+        todo = todo[~fits]
+    return level
+
+
+def _runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and length of every run of equal values in a sorted array."""
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    return starts, np.diff(np.r_[starts, len(keys)])
+
+
+def _cross_product(a0: np.ndarray, alen: np.ndarray, b0: np.ndarray, blen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every (a, b) with a in [a0, a0+alen) and b in [b0, b0+blen), for each block, without a Python loop."""
+    counts = alen * blen
+    block = np.repeat(np.arange(len(counts)), counts)
+    offset = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    width = blen[block]
+    return a0[block] + offset // width, b0[block] + offset % width
+
+
+def _within_runs(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every (a, b) with a < b inside the same run."""
+    run = np.repeat(np.arange(len(starts)), lengths)
+    position = np.arange(int(lengths.sum()))
+    partners = starts[run] + lengths[run] - position - 1
+    first = np.repeat(position, partners)
+    step = np.arange(len(first)) - np.repeat(np.cumsum(partners) - partners, partners)
+    return first, first + 1 + step
+
+
+def _cell_pairs(keys: np.ndarray, cells: tuple[np.ndarray, np.ndarray, np.ndarray], bits: int,
+                targets: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (a, b) of entries in neighbouring cells of one level.
+
+    ``keys`` (sorted) and ``cells`` (cx, cy, group code) describe the query entries. Without ``targets`` the
+    query set is paired with itself (each unordered pair once: its own cell and half of the neighbours); otherwise
+    every query entry is paired with every entry of the sorted ``targets`` keys in its cell or the 8 around it."""
+    q0, qlen = _runs(keys)
+    t_keys = keys if targets is None else targets
+    t0, tlen = _runs(t_keys)
+    t_unique = t_keys[t0]
+    cx, cy, code = (c[q0] for c in cells)
+    parts = [_within_runs(q0, qlen)] if targets is None else []
+    for dx, dy in _HALF_NEIGHBOURS if targets is None else _ALL_NEIGHBOURS:
+        nx, ny = cx + dx, cy + dy
+        inside = np.flatnonzero((nx >= 0) & (ny >= 0) & (nx >> bits == 0) & (ny >> bits == 0))
+        wanted = _cell_key(nx[inside], ny[inside], code[inside], bits)
+        found = np.minimum(np.searchsorted(t_unique, wanted), len(t_unique) - 1)
+        hit = t_unique[found] == wanted
+        rows, found = inside[hit], found[hit]
+        parts.append(_cross_product(q0[rows], qlen[rows], t0[found], tlen[found]))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def overlapping_pairs(boxes: np.ndarray, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs ``(i, j)``, ``i < j``, of boxes whose interiors intersect (and, given ``groups``, share a group).
+
+    A hierarchical grid: every box lives in one cell at the level whose cells are at least as large as the box, and
+    is compared with the boxes of its own and the 8 neighbouring cells at that level, and with the smaller boxes there.
+    Cost is about O(n log n + pairs found) for any mix of sizes; one huge box costs one O(n) pass, never O(n²).
+    Zero-area boxes have no interior and appear in no pair. Pairs come in no particular order."""
+    boxes = _as_boxes(boxes)
+    groups = _as_column("groups", groups, len(boxes), "i")
+    live = np.flatnonzero((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
+    if len(live) < 2:
+        return _EMPTY_PAIRS
+    live_boxes = boxes[live]
+    codes = np.zeros(len(live), np.int64) if groups is None else _group_codes(groups[live])
+    grid = _build_grid(live_boxes, codes)
+    order = np.argsort(_cell_key(grid.cx0, grid.cy0, codes, grid.bits))
+    cx, cy, codes, level = grid.cx0[order], grid.cy0[order], codes[order], _levels(grid)[order]
+    found_a, found_b = [], []
+    for k in np.unique(level).tolist():
+        bits = grid.bits - k
+        own = np.flatnonzero(level == k)
+        cells = (cx[own] >> k, cy[own] >> k, codes[own])
+        keys = _cell_key(*cells, bits)
+        a, b = _cell_pairs(keys, cells, bits, None)
+        found_a.append(own[a]), found_b.append(own[b])
+        if k:
+            smaller = np.flatnonzero(level < k)
+            a, b = _cell_pairs(keys, cells, bits, _cell_key(cx[smaller] >> k, cy[smaller] >> k, codes[smaller], bits))
+            found_a.append(own[a]), found_b.append(smaller[b])
+    i, j = live[order[np.concatenate(found_a)]], live[order[np.concatenate(found_b)]]
+    x0, y0, x1, y1 = boxes.T
+    touching = (x0[i] < x1[j]) & (x0[j] < x1[i]) & (y0[i] < y1[j]) & (y0[j] < y1[i])
+    i, j = i[touching], j[touching]
+    return np.minimum(i, j), np.maximum(i, j)
+
+
+def pair_overlap(boxes: np.ndarray, i: np.ndarray, j: np.ndarray, metric: str) -> np.ndarray:
+    """Overlap of box ``i[k]`` with box ``j[k]`` for every k: IoU, or IoS (intersection over the smaller area).
+
+    Where the denominator is 0 (zero-area boxes) the overlap is 0: such a box never suppresses anything."""
+    _check_choice("metric", metric, METRICS)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    a, b = boxes[np.asarray(i, np.int64)], boxes[np.asarray(j, np.int64)]
+    width = np.maximum(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0.0)
+    height = np.maximum(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0.0)
+    inter = width * height
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    denominator = area_a + area_b - inter if metric == "iou" else np.minimum(area_a, area_b)
+    out = np.zeros(len(inter))
+    np.divide(inter, denominator, out=out, where=denominator > 0)
+    return out
+
+
+def _duplicate_edges(boxes: np.ndarray, threshold: float, metric: str,
+                     groups: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs whose overlap is strictly above ``threshold``, and that overlap: the only pairs NMS ever looks at."""
+    _check_threshold(threshold)
+    _check_choice("metric", metric, METRICS)
+    i, j = overlapping_pairs(boxes, groups)
+    overlap = pair_overlap(boxes, i, j, metric)
+    above = overlap > threshold
+    return i[above], j[above], overlap[above]
+
+
+def _priority(nodes: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """``nodes`` (ascending) in visiting order: descending score, ties broken by the lower index first."""
+    return nodes[np.argsort(-scores[nodes], kind="stable")]
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, *, threshold: float, metric: str = "iou",
+        groups: np.ndarray | None = None) -> np.ndarray:
+    """Greedy non-maximum suppression; the kept indices, ascending.
+
+    Exactly the textbook algorithm: visit boxes by descending score (ties: lower index first); a box is suppressed
+    when a box kept before it overlaps it strictly more than ``threshold`` (with equal group, if ``groups`` is
+    given). Only boxes with such an edge enter the sequential loop, which walks a CSR adjacency."""
+    boxes = _as_boxes(boxes)
+    scores = _as_column("scores", scores, len(boxes), "f")
+    i, j, _ = _duplicate_edges(boxes, threshold, metric, groups)
+    suppressed = np.zeros(len(boxes), bool)
+    if len(i):
+        order = _priority(np.unique(np.r_[i, j]), scores)
+        rank = np.empty(len(boxes), np.int64)
+        rank[order] = np.arange(len(order))
+        first = rank[i] < rank[j]
+        winner_rank, loser = np.where(first, rank[i], rank[j]), np.where(first, j, i)
+        by_winner = np.argsort(winner_rank, kind="stable")
+        starts, lengths = _runs(winner_rank[by_winner])
+        losers = loser[by_winner]
+        winners = order[winner_rank[by_winner][starts]].tolist()
+        for winner, start, stop in zip(winners, starts.tolist(), (starts + lengths).tolist()):
+            if not suppressed[winner]:
+                suppressed[losers[start:stop]] = True
+    return np.flatnonzero(~suppressed)
+
+
+def soft_nms(boxes: np.ndarray, scores: np.ndarray, *, threshold: float, sigma: float, skip_box_threshold: float,
+             metric: str = "iou", groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian soft-NMS (Bodla et al. 2017); the kept indices (ascending) and their float64 decayed scores.
+
+    Repeatedly take the remaining box with the highest current score (ties: lower index) and multiply the score of
+    every remaining box that overlaps it strictly more than ``threshold`` by ``exp(-overlap**2 / sigma)``. A box
+    whose score is, or falls, below ``skip_box_threshold`` is dropped at once and decays nothing. The paper decays
+    every overlapping pair; a tiny threshold (1e-9) reproduces that, since ``exp(-1e-18 / sigma)`` is 1.0 in float64.
+    Boxes with no such neighbour keep their score; the rest run through a heap with lazy deletion."""
+    _check_sigma(sigma)
+    _check_skip(skip_box_threshold)
+    boxes = _as_boxes(boxes)
+    current = _as_column("scores", scores, len(boxes), "f").astype(np.float64)
+    i, j, overlap = _duplicate_edges(boxes, threshold, metric, groups)
+    alive = current >= skip_box_threshold
+    if len(i):
+        source, target = np.r_[i, j], np.r_[j, i]
+        by_source = np.argsort(source, kind="stable")
+        nodes, starts = np.unique(source[by_source], return_index=True)
+        local_target = np.searchsorted(nodes, target[by_source])
+        decay = np.tile(np.exp(-(overlap * overlap) / sigma), 2)[by_source]
+        local_scores, local_alive = _decay(current[nodes], alive[nodes], np.r_[starts, len(source)],
+                                           local_target, decay, skip_box_threshold)
+        current[nodes], alive[nodes] = local_scores, local_alive
+    kept = np.flatnonzero(alive)
+    return kept, current[kept]
+
+
+def _decay(scores: np.ndarray, alive: np.ndarray, indptr: np.ndarray, targets: np.ndarray, decay: np.ndarray,
+           skip: float) -> tuple[np.ndarray, np.ndarray]:
+    """The sequential soft-NMS loop over a CSR graph whose nodes are numbered in index order (so heap ties on the
+    node number are ties on the box index)."""
+    current, live, done = scores.tolist(), alive.tolist(), (~alive).tolist()
+    ptr, neighbour, factor = indptr.tolist(), targets.tolist(), decay.tolist()
+    heap = [(-s, u) for u, s in enumerate(current) if live[u]]
+    heapq.heapify(heap)
+    while heap:
+        negative, u = heapq.heappop(heap)
+        if done[u] or -negative != current[u]:
+            continue  # a stale entry: the box was decayed (and pushed again) or finished since
+        done[u] = True
+        for e in range(ptr[u], ptr[u + 1]):
+            v = neighbour[e]
+            if done[v]:
+                continue
+            current[v] *= factor[e]
+            if current[v] < skip:
+                done[v] = True
+                live[v] = False
+            else:
+                heapq.heappush(heap, (-current[v], v))
+    return np.asarray(current), np.asarray(live, bool)
+
+
+def deduplicate(detections: Detections, config: DedupConfig) -> Detections:
+    """The rows of ``detections`` that survive ``config`` (soft-NMS: with decayed scores), in their original order."""
+    if config.method == "none" or len(detections) == 0:
+        return detections
+    groups = detections.class_ids if config.class_aware else None
+    if config.method == "nms":
+        kept = nms(detections.boxes, detections.scores, threshold=config.threshold, metric=config.metric,
+                   groups=groups)
+        return detections.take(kept)
+    kept, scores = soft_nms(detections.boxes, detections.scores, threshold=config.threshold, sigma=config.sigma,
+                            skip_box_threshold=config.skip_box_threshold, metric=config.metric, groups=groups)
+    return detections.take(kept).with_scores(scores.astype(np.float32))

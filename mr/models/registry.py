@@ -1,0 +1,35 @@
+"""Turn what a user names into a model: ``None`` (the configured default), a registered name, a callable, a model."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from mr import config
+from mr.errors import InvalidInputError
+from mr.models.base import Model
+
+
+def registered_models() -> dict[str, str]:
+    """Models an operator registered by name in configuration (``mr.model.registry``: name → ``module:attr``)."""
+    return {"builtin": "mr.models.builtin:BuiltinDetector", **dict(config.get("model.registry", None) or {})}
+
+
+def resolve_model(model: Any = None, **options: Any) -> Model:
+    """The model to run. Strings are looked up among registered models only, never imported from input."""
+    if model is None:
+        model = config.get("model.name")
+    if isinstance(model, str):
+        known = registered_models()
+        if model not in known:
+            raise InvalidInputError("model", model, f"not a registered model; registered: {sorted(known)}")
+        module_name, _, attr = known[model].partition(":")
+        factory = getattr(importlib.import_module(module_name), attr)
+        return factory(**options)
+    if isinstance(model, Model) and not options:
+        return model
+    if callable(model):
+        from mr.models.callable import CallableModel
+
+        return CallableModel(model, **options)
+    raise InvalidInputError("model", model, "give a registered model name, a Model or a callable")

@@ -1,0 +1,194 @@
+"""What one region task does, and how seam features are settled: numpy only, no dask, no I/O.
+
+A region block arrives as a numpy array (bands, y, x) that already holds the overlap its last tiles reach into.
+Its tiles are views of the block, batched to the model. Each detection is kept only by the tile whose core holds
+its centre; boxes that reach across a tile cut are de-duplicated inside the block. Boxes that reach across a
+*region* cut cannot be settled here: they are returned as *pending* and settled by the seam tree
+(`merge_pending`) once every region they touch is in one node.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mr.detections import Detections
+from mr.errors import ModelError
+from mr.merge import DedupConfig, nms, soft_nms
+from mr.models.base import Model
+from mr.tiling import TileGrid
+
+
+@dataclass(frozen=True)
+class RegionSettings:
+    """Options a region task needs, resolved once on the client."""
+
+    batch_size: int = 8
+    """Tiles per model call."""
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    """How duplicates from overlapping tiles are resolved."""
+    seam_margin: float = 2.0
+    """Pixels by which a box may miss a cut and still be compared across it (detectors jitter at tile edges)."""
+
+
+@dataclass(frozen=True)
+class RegionResult:
+    """The outcome of one region: detections settled here, detections waiting for a neighbour, counters."""
+
+    settled: Detections
+    pending: Detections
+    tiles: int
+    model_seconds: float
+
+
+@dataclass(frozen=True)
+class RegionTask:
+    """Where a region lies in the grid; small enough to travel inside every task."""
+
+    ry: int
+    rx: int
+    tile_mask: np.ndarray | None = None
+    """bool (tiles in region y, tiles in region x): which tiles to run (a region of interest skips some)."""
+
+
+def region_tiles(grid: TileGrid, task: RegionTask) -> list[tuple[int, int]]:
+    """(iy, ix) of the tiles this region runs, in row-major order."""
+    ys, xs = grid.y.tiles_of_region(task.ry), grid.x.tiles_of_region(task.rx)
+    chosen = []
+    for a, iy in enumerate(ys):
+        for b, ix in enumerate(xs):
+            if task.tile_mask is None or task.tile_mask[a, b]:
+                chosen.append((iy, ix))
+    return chosen
+
+
+def run_tiles(block: np.ndarray, grid: TileGrid, task: RegionTask, model: Model, batch_size: int) -> Detections:
+    """Run the model over the region's tiles (numpy views of the block) and return image-pixel detections."""
+    x_origin = grid.x.tile_starts[grid.x.tiles_of_region(task.rx)[0]]
+    y_origin = grid.y.tile_starts[grid.y.tiles_of_region(task.ry)[0]]
+    by_shape: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for iy, ix in region_tiles(grid, task):
+        h = int(grid.y.tile_ends[iy] - grid.y.tile_starts[iy])
+        w = int(grid.x.tile_ends[ix] - grid.x.tile_starts[ix])
+        by_shape.setdefault((h, w), []).append((iy, ix))
+    found: list[Detections] = []
+    for (h, w), tiles in by_shape.items():
+        for start in range(0, len(tiles), batch_size):
+            batch = tiles[start : start + batch_size]
+            views = []
+            for iy, ix in batch:
+                y0 = int(grid.y.tile_starts[iy] - y_origin)
+                x0 = int(grid.x.tile_starts[ix] - x_origin)
+                views.append(block[:, y0 : y0 + h, x0 : x0 + w])
+            tables = _call_model(model, np.stack(views))
+            if len(tables) != len(batch):
+                raise ModelError(f"model {model.name!r} returned {len(tables)} tables for {len(batch)} tiles")
+            for (iy, ix), table in zip(batch, tables):
+                dx = grid.x_offset + grid.x.tile_starts[ix]
+                dy = grid.y_offset + grid.y.tile_starts[iy]
+                found.append(table.shifted(float(dx), float(dy), int(grid.tile_id(iy, ix))))
+    return Detections.concat(found)
+
+
+def _call_model(model: Model, tiles: np.ndarray) -> list[Detections]:
+    try:
+        return list(model(tiles))
+    except ModelError:
+        raise
+    except Exception as error:
+        raise ModelError(f"model {model.name!r} failed on a batch of {len(tiles)} tiles: {error}") from error
+
+
+def keep_owned(found: Detections, grid: TileGrid) -> Detections:
+    """Rows whose centre lies in the core of the tile that found them."""
+    if not len(found):
+        return found
+    iy, ix = grid.owner_tiles(found.centers)
+    return found.take(grid.tile_id(iy, ix) == found.tile_ids)
+
+
+def dedup_settling(table: Detections, settles: np.ndarray, config: DedupConfig) -> Detections:
+    """De-duplicate ``table``; rows that do not settle yet keep their score for the node that settles them.
+
+    Suppression by NMS is final wherever it happens. Soft-NMS lowers scores only of rows that settle here, so a
+    pending row is rescored once, at the node that finally holds all its neighbours.
+    """
+    if config.method == "none" or len(table) < 2:
+        return table
+    groups = table.class_ids if config.class_aware else None
+    if config.method == "nms":
+        keep = nms(table.boxes, table.scores, threshold=config.threshold, metric=config.metric, groups=groups)
+        return table.take(keep)
+    keep, scores = soft_nms(
+        table.boxes,
+        table.scores,
+        threshold=config.threshold,
+        sigma=config.sigma,
+        skip_box_threshold=config.skip_box_threshold,
+        metric=config.metric,
+        groups=groups,
+    )
+    new_scores = table.scores.copy()
+    new_scores[keep] = scores
+    kept = np.zeros(len(table), dtype=bool)
+    kept[keep] = True
+    kept |= ~settles
+    new_scores[~settles] = table.scores[~settles]
+    return table.with_scores(new_scores).take(kept)
+
+
+def split_settled(
+    table: Detections, grid: TileGrid, group: tuple[int, int, int, int], margin: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Masks (settles, pending) for rows whose reach lies inside the region group (ry0, ry1, rx0, rx1) inclusive."""
+    ry0, ry1, rx0, rx1 = grid.crossed_regions(table.boxes, margin)
+    settles = (ry0 >= group[0]) & (ry1 <= group[1]) & (rx0 >= group[2]) & (rx1 <= group[3])
+    return settles, ~settles
+
+
+def process_region(
+    block: np.ndarray,
+    grid: TileGrid,
+    task: RegionTask,
+    model: Model,
+    settings: RegionSettings,
+    roi: object | None = None,
+) -> RegionResult:
+    """The whole work of one region task: tiles → model → owned detections → seams settled or pending."""
+    started = time.perf_counter()
+    found = keep_owned(run_tiles(block, grid, task, model, settings.batch_size), grid)
+    if roi is not None and len(found):
+        found = found.take(_touches(found.boxes, roi))
+    seconds = time.perf_counter() - started
+    near = grid.crosses_tile_cut(found.boxes, settings.seam_margin)
+    interior = found.take(~near)
+    seam = found.take(near)
+    settles, pending = split_settled(seam, grid, (task.ry, task.ry, task.rx, task.rx), settings.seam_margin)
+    seam = dedup_settling(seam, settles, settings.dedup)
+    settles, pending = split_settled(seam, grid, (task.ry, task.ry, task.rx, task.rx), settings.seam_margin)
+    return RegionResult(
+        Detections.concat([interior, seam.take(settles)]),
+        seam.take(pending),
+        len(region_tiles(grid, task)),
+        seconds,
+    )
+
+
+def merge_pending(
+    parts: list[Detections], grid: TileGrid, group: tuple[int, int, int, int], settings: RegionSettings
+) -> tuple[Detections, Detections]:
+    """One node of the seam tree: de-duplicate what neighbouring regions left pending, settle what now can."""
+    table = Detections.concat(parts)
+    settles, _ = split_settled(table, grid, group, settings.seam_margin)
+    table = dedup_settling(table, settles, settings.dedup)
+    settles, pending = split_settled(table, grid, group, settings.seam_margin)
+    return table.take(settles), table.take(pending)
+
+
+def _touches(boxes: np.ndarray, roi_pixels: object) -> np.ndarray:
+    """True where a box intersects the region of interest (a shapely polygon in full-image pixels)."""
+    import shapely
+
+    return shapely.intersects(shapely.box(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]), roi_pixels)

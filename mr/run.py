@@ -1,0 +1,87 @@
+"""Compute a detection result on a cluster and write it: the step every non-notebook entry point shares."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mr.api import DetectionResult, _Part
+from mr.features import FeatureTable
+from mr.output import write_features
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a run did, for the closing paragraph of the CLI and for job records."""
+
+    image: str
+    width: int
+    height: int
+    bands: int
+    tiles: int
+    regions: int
+    features: int
+    seconds: float
+    output: str | None
+    labels: dict
+
+    @property
+    def megapixels_per_second(self) -> float:
+        return self.width * self.height / 1e6 / max(self.seconds, 1e-9)
+
+    def paragraph(self) -> str:
+        found = ", ".join(f"{n} {label}" for label, n in sorted(self.labels.items())) or "nothing"
+        where = f" Wrote {self.output}." if self.output else ""
+        return (
+            f"Processed {self.image} ({self.width}×{self.height}, {self.bands} band(s), "
+            f"{self.width * self.height / 1e6:.1f} MP): {self.tiles} tiles in {self.regions} regions, "
+            f"{self.features} features ({found}) in {self.seconds:.1f} s, "
+            f"{self.megapixels_per_second:.1f} MP/s.{where}"
+        )
+
+
+def compute_table(result: DetectionResult, client=None, progress: bool = False) -> FeatureTable:
+    """Compute every settled part on the client's cluster (or the default scheduler) and concatenate them."""
+    parts = [_Part(result, key) for key in result.built.part_keys]
+    if client is None:
+        import dask
+
+        if progress:
+            from dask.diagnostics import ProgressBar
+
+            with ProgressBar():
+                return FeatureTable.concat(dask.compute(*parts))
+        return FeatureTable.concat(dask.compute(*parts))
+    futures = client.compute(parts)
+    if progress:
+        from distributed import progress as show_progress
+
+        show_progress(futures)
+        print()
+    return FeatureTable.concat(client.gather(futures))
+
+
+def run_to_file(result: DetectionResult, out: str | Path | None, client=None, progress: bool = False) -> RunSummary:
+    """Compute ``result`` and write it to ``out`` (GeoJSON or GeoParquet), complete or not at all."""
+    started = time.perf_counter()
+    table = compute_table(result, client, progress)
+    if out is not None:
+        write_features(table, result.metadata, out)
+    seconds = time.perf_counter() - started
+    bands, height, width = result.plan.image_shape
+    labels: dict[str, int] = {}
+    for label in table.detections.labels:
+        labels[str(label)] = labels.get(str(label), 0) + 1
+    return RunSummary(
+        image=result.plan.source,
+        width=width,
+        height=height,
+        bands=bands,
+        tiles=result.plan.tile_count,
+        regions=result.plan.grid.region_count,
+        features=len(table),
+        seconds=seconds,
+        output=str(out) if out is not None else None,
+        labels=labels,
+    )
