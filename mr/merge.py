@@ -243,19 +243,18 @@ def overlapping_pairs(boxes: np.ndarray, groups: np.ndarray | None = None) -> tu
     live_boxes = boxes[live]
     codes = np.zeros(len(live), np.int64) if groups is None else _group_codes(groups[live])
     grid = _build_grid(live_boxes, codes)
-    order = np.argsort(_cell_key(grid.cx0, grid.cy0, codes, grid.bits))
-    cx, cy, codes, level = grid.cx0[order], grid.cy0[order], codes[order], _levels(grid)[order]
+    keys = _cell_key(grid.cx0, grid.cy0, codes, grid.bits)
+    order = np.argsort(keys)
+    keys, cx, cy, codes, level = keys[order], grid.cx0[order], grid.cy0[order], codes[order], _levels(grid)[order]
     found_a, found_b = [], []
     for k in np.unique(level).tolist():
-        bits = grid.bits - k
         own = np.flatnonzero(level == k)
-        cells = (cx[own] >> k, cy[own] >> k, codes[own])
-        keys = _cell_key(*cells, bits)
-        a, b = _cell_pairs(keys, cells, bits, None)
+        cells, own_keys = (cx[own] >> k, cy[own] >> k, codes[own]), keys[own] >> 2 * k
+        a, b = _cell_pairs(own_keys, cells, grid.bits - k, None)
         found_a.append(own[a]), found_b.append(own[b])
         if k:
             smaller = np.flatnonzero(level < k)
-            a, b = _cell_pairs(keys, cells, bits, _cell_key(cx[smaller] >> k, cy[smaller] >> k, codes[smaller], bits))
+            a, b = _cell_pairs(own_keys, cells, grid.bits - k, keys[smaller] >> 2 * k)
             found_a.append(own[a]), found_b.append(smaller[b])
     i, j = live[order[np.concatenate(found_a)]], live[order[np.concatenate(found_b)]]
     x0, y0, x1, y1 = boxes.T

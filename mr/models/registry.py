@@ -12,7 +12,7 @@ from mr.models.base import Model
 
 def registered_models() -> dict[str, str]:
     """Models an operator registered by name in configuration (``mr.model.registry``: name → ``module:attr``)."""
-    return {"builtin": "mr.models.builtin:BuiltinDetector", **dict(config.get("model.registry", None) or {})}
+    return {"builtin": "mr.models.builtin:BuiltinDetector", **dict(config.get("model.registry") or {})}
 
 
 def resolve_model(model: Any = None, **options: Any) -> Model:

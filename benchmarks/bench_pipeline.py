@@ -1,0 +1,107 @@
+"""Pipeline benchmarks, each a ratio measured in one run.
+
+  (a) throughput with a model that finds nothing ÷ a plain sequential GDAL decode of the same file  (goal ≥ 0.9)
+  (b) peak memory of all processes for a large image ÷ that for a 10k² image                   (goal ≤ 1.2)
+  (d) seconds to build the graph of a 100,000² image                                           (goal < 1 s)
+
+    python benchmarks/bench_pipeline.py [--decode-size 10000] [--large-size 40000] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import rasterio
+from rasterio.windows import Window
+
+import mr
+from benchmarks.common import NullModel, PeakMemory, row, scene_file
+
+
+def sequential_decode_seconds(path: Path) -> float:
+    """Read every block of the file once, in order, on one thread: the physical limit of the decode."""
+    started = time.perf_counter()
+    with rasterio.open(path) as src:
+        for _, window in src.block_windows(1):
+            src.read(window=window)
+    return time.perf_counter() - started
+
+
+def pipeline_seconds(path: Path, client, model=None) -> tuple[float, int]:
+    from mr.run import compute_table
+
+    result = mr.detect(mr.open_image(path), model or NullModel(), tile_size=1024, overlap=50, region_size=4096)
+    started = time.perf_counter()
+    table = compute_table(result, client)
+    return time.perf_counter() - started, len(table)
+
+
+def peak_memory(path: Path, workers: int) -> tuple[int, float]:
+    from mr.cluster import get_client
+
+    with PeakMemory() as peak:
+        with get_client(n_workers=workers, threads_per_worker=1) as client:
+            seconds, _ = pipeline_seconds(path, client, model="builtin")
+    return peak.peak, seconds
+
+
+def graph_build_seconds(size: int = 100_000) -> tuple[float, int]:
+    import dask
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("building the graph computed something")
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "huge.tif"
+        profile = dict(driver="GTiff", width=size, height=size, count=1, dtype="uint8", tiled=True,
+                       blockxsize=512, blockysize=512, crs="EPSG:32616", sparse_ok=True,
+                       transform=rasterio.transform.from_origin(500000, 4500000, 0.5, 0.5))
+        with rasterio.open(path, "w", **profile):
+            pass
+        with dask.config.set(scheduler=refuse):
+            started = time.perf_counter()
+            result = mr.detect(mr.open_image(path), "builtin")
+            seconds = time.perf_counter() - started
+        return seconds, len(result.__dask_graph__())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--decode-size", type=int, default=10_000)
+    parser.add_argument("--small-size", type=int, default=10_000)
+    parser.add_argument("--large-size", type=int, default=40_000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--skip-memory", action="store_true")
+    args = parser.parse_args()
+    from mr.cluster import get_client
+
+    lines = []
+    seconds, tasks = graph_build_seconds()
+    lines.append(row("(d) graph build, 100,000² image", f"{seconds:.3f} s ({tasks} tasks)", "< 1 s", seconds < 1))
+
+    path = scene_file(args.decode_size)
+    decode = sequential_decode_seconds(path)
+    with get_client(n_workers=args.workers, threads_per_worker=1) as client:
+        pipeline_seconds(path, client)  # warm the workers and the page cache
+        piped, _ = pipeline_seconds(path, client)
+    ratio = decode / piped
+    lines.append(row(f"(a) null-model pipeline ÷ decode, {args.decode_size}²", f"{ratio:.2f}×", "≥ 0.9", ratio >= 0.9))
+
+    if not args.skip_memory:
+        small, _ = peak_memory(scene_file(args.small_size), args.workers)
+        large, large_seconds = peak_memory(scene_file(args.large_size), args.workers)
+        memory_ratio = large / small
+        lines.append(row(
+            f"(b) peak RSS {args.large_size}² ÷ {args.small_size}²",
+            f"{memory_ratio:.2f}× ({large / 2**20:.0f} MiB)", "≤ 1.2", memory_ratio <= 1.2,
+        ))
+        mpx = args.large_size**2 / 1e6
+        lines.append(f"    builtin detector on {args.large_size}²: {large_seconds:.1f} s, {mpx / large_seconds:.1f} MP/s")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

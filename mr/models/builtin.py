@@ -1,0 +1,328 @@
+"""The built-in detector: compact objects that stand out from their local background, with nothing to download.
+
+It finds vehicles on roads, ships on water, aircraft on tarmac — anything small, compact and brighter or darker than
+its surroundings — by classic background subtraction, in pure numpy/scipy on float32:
+
+1. **Intensity**: the mean of the tile's bands. A pixel is invalid where any band equals ``nodata`` or is not finite;
+   invalid pixels never join a detection and are left out of every statistic.
+2. **Background**: the median intensity over ``background_window``-pixel square windows centred on a grid of nodes
+   half a window apart, computed on a 4×4-averaged copy of the tile and interpolated bilinearly back to full
+   resolution. The median ignores any object smaller than about half the window, and working on 1/16 of the pixels
+   keeps it cheap.
+3. **Noise**: ``sigma = 1.4826 × MAD`` of the residual (intensity − background), sampled on every 4th row and column.
+4. **Hysteresis thresholds**, per polarity: a bright (dark) candidate is an 8-connected component of pixels whose
+   residual exceeds ``+grow_sigma·sigma`` (lies below ``−grow_sigma·sigma``) and holds at least one pixel beyond
+   ``threshold_sigma·sigma``. The lower growing threshold gives boxes that fit the object rather than its core.
+5. **Shape filters**: ``min_area ≤ pixels ≤ max_area``, fill ratio (pixels / box area) ``≥ min_fill`` and box aspect
+   (long side / short side) ``≤ max_aspect``; one box per surviving component.
+6. **Score**: ``c / (c + threshold_sigma)`` where ``c`` is the component's mean ``|residual| / sigma`` — 0.5 for an
+   object right at the threshold, rising towards 1 as its contrast-to-noise ratio grows.
+
+Labels: ``"bright-object"`` (brighter than the local background: vehicles on asphalt, ships on water, aircraft on
+tarmac) and ``"dark-object"`` (darker: vehicles on concrete or snow, shadows, dark roofs). Components that touch the
+tile border are reported like any other (the tiling layer de-duplicates across seams).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from numbers import Integral, Real
+from typing import ClassVar
+
+import numpy as np
+from scipy import ndimage
+
+from mr.detections import Detections
+from mr.errors import InvalidInputError
+
+BRIGHT_LABEL = "bright-object"
+DARK_LABEL = "dark-object"
+CLASS_NAMES = (BRIGHT_LABEL, DARK_LABEL)
+_FACTOR = 4
+"""Downsampling factor of the background estimate."""
+_MAD_TO_SIGMA = 1.4826
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+@dataclass(frozen=True)
+class BuiltinDetector:
+    """A deterministic, download-free detector of compact bright and dark objects (see the module docstring)."""
+
+    threshold_sigma: float = 4.5
+    """A component must hold a pixel at least this many noise sigmas from the background."""
+    grow_sigma: float = 3.0
+    """Components grow over pixels at least this many sigmas from the background (≤ threshold_sigma)."""
+    background_window: int = 64
+    """Side in pixels of the median window of the background; a multiple of 8, about twice the largest object."""
+    min_area: int = 16
+    """Smallest component, in pixels."""
+    max_area: int = 4096
+    """Largest component, in pixels."""
+    min_fill: float = 0.25
+    """Smallest ratio of component pixels to box area (rejects thin, diagonal streaks)."""
+    max_aspect: float = 6.0
+    """Largest ratio of the box's long side to its short side (rejects roads, field edges, coastlines)."""
+    nodata: float | None = None
+    """Pixel value that marks missing data or padding; such pixels never become a detection."""
+
+    name: ClassVar[str] = "builtin"
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def __reduce__(self) -> tuple:
+        return (_rebuild, (dataclasses.asdict(self),))
+
+    def __call__(self, tiles: np.ndarray) -> list[Detections]:
+        """One table per tile of a (n, bands, h, w) batch, boxes in tile pixels."""
+        batch = _check_batch(tiles)
+        return [self.detect(tile) for tile in batch]
+
+    def detect(self, tile: np.ndarray) -> Detections:
+        """The detections of one (bands, h, w) tile."""
+        intensity, valid = tile_intensity(tile, self.nodata)
+        if valid is not None and not valid.any():
+            return Detections.empty(CLASS_NAMES)
+        residual = intensity
+        residual -= local_background(intensity, valid, self.background_window)
+        if valid is not None:
+            residual[~valid] = 0.0
+        sigma = robust_sigma(residual, valid, _noise_floor(tile))
+        tables = [self._components(residual, sigma, polarity) for polarity in (1, -1)]
+        return Detections.concat(tables) if any(len(t) for t in tables) else Detections.empty(CLASS_NAMES)
+
+    def _components(self, residual: np.ndarray, sigma: float, polarity: int) -> Detections:
+        """Threshold one polarity, label components, filter them and build their table."""
+        grow = np.float32(self.grow_sigma * sigma)
+        mask = residual > grow if polarity > 0 else residual < -grow
+        stats = component_stats(residual, mask, polarity)
+        if stats is None:
+            return Detections.empty(CLASS_NAMES)
+        area, mean, peak, boxes = stats
+        keep = self._accept(area, peak / sigma, boxes)
+        cnr = mean[keep] / sigma
+        scores = cnr / (cnr + self.threshold_sigma)
+        class_ids = np.full(int(keep.sum()), 0 if polarity > 0 else 1, np.int32)
+        return Detections(boxes[keep], scores, class_ids, CLASS_NAMES)
+
+    def _accept(self, area: np.ndarray, peak_sigma: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """Which components pass the seed, area and shape filters."""
+        width = boxes[:, 2] - boxes[:, 0]
+        height = boxes[:, 3] - boxes[:, 1]
+        fill = area / (width * height)
+        aspect = np.maximum(width, height) / np.minimum(width, height)
+        return (
+            (peak_sigma >= self.threshold_sigma)
+            & (area >= self.min_area)
+            & (area <= self.max_area)
+            & (fill >= self.min_fill)
+            & (aspect <= self.max_aspect)
+        )
+
+
+def _rebuild(kwargs: dict) -> BuiltinDetector:
+    """Unpickle by calling the constructor, so validation runs again."""
+    return BuiltinDetector(**kwargs)
+
+
+def _validate(d: BuiltinDetector) -> None:
+    """Raise InvalidInputError naming the first bad constructor argument."""
+    _check_real("threshold_sigma", d.threshold_sigma, low=0.0)
+    _check_real("grow_sigma", d.grow_sigma, low=0.0)
+    if d.grow_sigma > d.threshold_sigma:
+        raise InvalidInputError("grow_sigma", d.grow_sigma, f"must not exceed threshold_sigma={d.threshold_sigma}")
+    _check_int("background_window", d.background_window, low=16)
+    if d.background_window % (2 * _FACTOR):
+        raise InvalidInputError("background_window", d.background_window, "must be a multiple of 8, e.g. 64")
+    _check_int("min_area", d.min_area, low=1)
+    _check_int("max_area", d.max_area, low=1)
+    if d.max_area < d.min_area:
+        raise InvalidInputError("max_area", d.max_area, f"must be at least min_area={d.min_area}")
+    _check_real("min_fill", d.min_fill, low=0.0, high=1.0, inclusive=True)
+    _check_real("max_aspect", d.max_aspect, low=1.0, inclusive=True)
+    if d.nodata is not None and (isinstance(d.nodata, bool) or not isinstance(d.nodata, Real)):
+        raise InvalidInputError("nodata", d.nodata, "must be a number or None")
+
+
+def _check_real(field: str, value: object, low: float, high: float = math.inf, inclusive: bool = False) -> None:
+    """A finite real number in (low, high), or [low, high] when inclusive."""
+    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (low <= value <= high if inclusive else low < value <= high)
+    if not ok:
+        bounds = f"[{low}, {high}]" if inclusive else f"({low}, {high}]"
+        raise InvalidInputError(field, value, f"must be a finite number in {bounds}")
+
+
+def _check_int(field: str, value: object, low: int) -> None:
+    """An integer of at least ``low``."""
+    if not isinstance(value, Integral) or isinstance(value, bool) or value < low:
+        raise InvalidInputError(field, value, f"must be an integer >= {low}")
+
+
+def _check_batch(tiles: object) -> np.ndarray:
+    """The batch as a (n, bands, h, w) real-valued array."""
+    if not isinstance(tiles, np.ndarray) or tiles.ndim != 4:
+        shape = getattr(tiles, "shape", type(tiles).__name__)
+        raise InvalidInputError("tiles", shape, "must be a numpy array of shape (n, bands, height, width)")
+    if tiles.dtype.kind not in "uif":
+        raise InvalidInputError("tiles.dtype", str(tiles.dtype), "must be an integer or floating point type")
+    return tiles
+
+
+def tile_intensity(tile: np.ndarray, nodata: float | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """float32 (h, w) mean of the bands (a fresh array), and the valid mask or None when every pixel is valid."""
+    intensity = tile[0].astype(np.float32) if tile.shape[0] == 1 else tile.mean(axis=0, dtype=np.float32)
+    invalid = None
+    if nodata is not None and not math.isnan(nodata):
+        invalid = (tile == nodata).any(axis=0)
+    if tile.dtype.kind == "f":
+        nonfinite = ~np.isfinite(intensity)
+        invalid = nonfinite if invalid is None else invalid | nonfinite
+    if invalid is None or not invalid.any():
+        return intensity, None
+    intensity[invalid] = 0.0
+    return intensity, ~invalid
+
+
+def _noise_floor(tile: np.ndarray) -> float:
+    """The smallest credible sigma: integer data cannot resolve less than its quantisation step."""
+    return 0.3 / math.sqrt(tile.shape[0]) if tile.dtype.kind in "ui" else 1e-12
+
+
+def local_background(intensity: np.ndarray, valid: np.ndarray | None, window: int) -> np.ndarray:
+    """float32 (h, w) robust local background: windowed medians on a node grid, bilinearly interpolated."""
+    levels = node_medians(intensity, valid, window)
+    return upsample_nodes(levels, window // 2, intensity.shape)
+
+
+def node_medians(intensity: np.ndarray, valid: np.ndarray | None, window: int) -> np.ndarray:
+    """float32 (ceil(h/s)+1, ceil(w/s)+1) medians of the window centred on each node (i·s, j·s), s = window/2.
+
+    The median runs on 4×4 block means; blocks with no valid pixel are NaN and left out; nodes that see no valid
+    block take the value of the nearest node that does. Border nodes reuse their inner neighbour's window (reflected
+    cells), so every window is full size and a large object near the border cannot dominate it.
+    """
+    spacing = window // 2
+    blocks = _block_means(intensity, valid, spacing)
+    cell = spacing // _FACTOR
+    ny, nx = blocks.shape[0] // cell, blocks.shape[1] // cell
+    cells = blocks.reshape(ny, cell, nx, cell).transpose(0, 2, 1, 3).reshape(ny, nx, cell * cell)
+    pad_y, pad_x = ("reflect" if n > 1 else "edge" for n in (ny, nx))
+    cells = np.pad(cells, ((1, 1), (0, 0), (0, 0)), mode=pad_y)
+    cells = np.pad(cells, ((0, 0), (1, 1), (0, 0)), mode=pad_x)
+    around = np.concatenate((cells[:-1, :-1], cells[:-1, 1:], cells[1:, :-1], cells[1:, 1:]), axis=-1)
+    ordered = np.sort(around, axis=-1)
+    count = (~np.isnan(ordered)).sum(axis=-1, keepdims=True)
+    low = np.take_along_axis(ordered, np.maximum(count - 1, 0) // 2, axis=-1)
+    high = np.take_along_axis(ordered, count // 2 - (count == 0), axis=-1)
+    medians = ((low + high) * np.float32(0.5))[..., 0]
+    return _fill_missing(medians)
+
+
+def _block_means(intensity: np.ndarray, valid: np.ndarray | None, spacing: int) -> np.ndarray:
+    """Means of 4×4 pixel blocks over a copy edge-padded to a multiple of ``spacing``; NaN where no pixel is valid."""
+    h, w = intensity.shape
+    pad = ((0, -h % spacing), (0, -w % spacing))
+    if valid is None:
+        padded = np.pad(intensity, pad, mode="edge") if any(p[1] for p in pad) else intensity
+        return _block_sum(padded) * np.float32(1.0 / _FACTOR**2)
+    weights = np.pad(valid.astype(np.float32), pad, mode="edge")
+    sums = _block_sum(np.pad(intensity, pad, mode="edge") * weights)
+    counts = _block_sum(weights)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / counts, np.float32(np.nan)).astype(np.float32)
+
+
+def _block_sum(a: np.ndarray) -> np.ndarray:
+    """Sums of 4×4 blocks by strided adds (much faster than a reshape-and-sum over small axes)."""
+    rows = a[:, 0::_FACTOR] + a[:, 1::_FACTOR]
+    for k in range(2, _FACTOR):
+        rows += a[:, k::_FACTOR]
+    out = rows[0::_FACTOR] + rows[1::_FACTOR]
+    for k in range(2, _FACTOR):
+        out += rows[k::_FACTOR]
+    return out
+
+
+def _fill_missing(levels: np.ndarray) -> np.ndarray:
+    """Replace NaN nodes by their nearest valid node (all-NaN stays NaN: the caller has no valid pixel)."""
+    missing = np.isnan(levels)
+    if not missing.any() or missing.all():
+        return levels
+    index = ndimage.distance_transform_edt(missing, return_distances=False, return_indices=True)
+    return levels[tuple(index)]
+
+
+def upsample_nodes(levels: np.ndarray, spacing: int, shape: tuple[int, int]) -> np.ndarray:
+    """float32 (h, w) bilinear interpolation of node values at (i·spacing, j·spacing) to pixel centres."""
+    h, w = shape
+    rows = _lerp_axis0(levels, spacing, h)
+    steps = np.diff(rows, axis=1)
+    ramp = _ramp(spacing)
+    out = np.empty((h, steps.shape[1], spacing), np.float32)
+    np.multiply(steps[:, :, None], ramp, out=out)
+    out += rows[:, :-1, None]
+    return out.reshape(h, -1)[:, :w]
+
+
+def _lerp_axis0(levels: np.ndarray, spacing: int, n: int) -> np.ndarray:
+    """Rows of ``levels`` interpolated to the ``n`` pixel centres along axis 0."""
+    index, weight = _lerp_index(spacing, n)
+    return levels[index] + (levels[index + 1] - levels[index]) * weight[:, None]
+
+
+@lru_cache(maxsize=64)
+def _lerp_index(spacing: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lower node and weight of each pixel centre (k + 0.5) between nodes at multiples of ``spacing``."""
+    position = (np.arange(n) + 0.5) / spacing
+    index = np.floor(position).astype(np.intp)
+    return index, (position - index).astype(np.float32)
+
+
+@lru_cache(maxsize=64)
+def _ramp(spacing: int) -> np.ndarray:
+    """Weights of the pixel centres within one node interval."""
+    return ((np.arange(spacing) + 0.5) / spacing).astype(np.float32)
+
+
+def robust_sigma(residual: np.ndarray, valid: np.ndarray | None, floor: float) -> float:
+    """1.4826 × MAD of the residual on every 4th row and column (valid pixels only), at least ``floor``."""
+    sample = residual[::_FACTOR, ::_FACTOR]
+    sample = sample[valid[::_FACTOR, ::_FACTOR]] if valid is not None else sample.ravel()
+    if sample.size < 16:
+        sample = residual[valid] if valid is not None else residual.ravel()
+    centre = np.median(sample)
+    mad = float(np.median(np.abs(sample - centre)))
+    return max(_MAD_TO_SIGMA * mad, floor)
+
+
+def component_stats(
+    residual: np.ndarray, mask: np.ndarray, polarity: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """Area, mean and peak of ``polarity × residual``, and the (x0, y0, x1, y1) box of each 8-connected component.
+
+    Works on the flat indices of the masked pixels only (a few percent of the tile), so its cost is one labelling
+    pass plus work proportional to the candidate pixels. None when the mask is empty.
+    """
+    labels, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+    if n == 0:
+        return None
+    flat = np.flatnonzero(mask)
+    label = labels.ravel()[flat] - 1
+    value = residual.ravel()[flat] * np.float32(polarity)
+    area = np.bincount(label, minlength=n)
+    mean = np.bincount(label, weights=value, minlength=n) / area
+    peak = np.full(n, -np.inf, np.float32)
+    np.maximum.at(peak, label, value)
+    y, x = np.divmod(flat, residual.shape[1])
+    boxes = np.empty((n, 4), np.float64)
+    boxes[:, :2] = np.iinfo(np.int64).max
+    boxes[:, 2:] = -1
+    np.minimum.at(boxes[:, 0], label, x)
+    np.minimum.at(boxes[:, 1], label, y)
+    np.maximum.at(boxes[:, 2], label, x + 1)
+    np.maximum.at(boxes[:, 3], label, y + 1)
+    return area, mean, peak, boxes
