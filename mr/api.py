@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 from dask.base import tokenize
+from dask.threaded import get as threaded_get
 
 from mr.errors import InvalidInputError
 from mr.features import FeatureTable, OutputMetadata, to_geodataframe
@@ -39,6 +40,11 @@ class DetectionPlan:
         return self.grid.x.covered * self.grid.y.covered / 1e6
 
 
+def _no_optimization(dsk, keys, **kwargs):
+    """The graph is built final: nothing to cull or fuse."""
+    return dsk
+
+
 @dataclass(frozen=True)
 class DetectionResult:
     """Lazy features of one image: a dask collection; ``compute()`` gives a GeoDataFrame in WGS84."""
@@ -66,11 +72,8 @@ class DetectionResult:
     def __dask_postpersist__(self):
         return _rebuild, (self,)
 
-    __dask_scheduler__ = staticmethod(__import__("dask.threaded", fromlist=["get"]).get)
-
-    @staticmethod
-    def __dask_optimize__(dsk, keys, **kwargs):
-        return dsk
+    __dask_scheduler__ = staticmethod(threaded_get)
+    __dask_optimize__ = staticmethod(_no_optimization)
 
     def compute(self, **kwargs: Any):
         """The features as a GeoDataFrame (WGS84 geometry; pixel geometry in ``image_geometry``)."""
@@ -117,8 +120,8 @@ class _Part:
     def __dask_tokenize__(self):
         return (self.result.built.name, self.key)
 
-    __dask_scheduler__ = DetectionResult.__dask_scheduler__
-    __dask_optimize__ = DetectionResult.__dask_optimize__
+    __dask_scheduler__ = staticmethod(threaded_get)
+    __dask_optimize__ = staticmethod(_no_optimization)
 
 
 def _to_frame(parts: list, metadata: OutputMetadata):

@@ -101,13 +101,13 @@ class Georeference:
         RPC first: it is the sensor model, while a NITF that has RPCs usually also carries a coarse
         geotransform or corner GCPs that GDAL derives from IGEOLO (arc-second precision). GCPs next: a file
         carries GCPs only when no exact geotransform exists (rasterio then reports the identity transform).
-        An affine needs a CRS as well; GCPs need a CRS and at least 3 points (a first-order fit).
+        An affine needs a CRS and must be invertible; GCPs need a CRS and at least 3 points (a first-order fit).
         """
         if self.rpcs:
             return "rpc"
         if self.gcps and len(self.gcps) >= 3 and self.gcp_crs:
             return "gcp"
-        if self.transform is not None and self.crs:
+        if self.transform is not None and self.crs and _is_invertible(self.transform):
             return "affine"
         return None
 
@@ -122,6 +122,11 @@ class Georeference:
         if self.rpcs is None:
             return None
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.rpcs}
+
+
+def _is_invertible(gt: GeoTransform) -> bool:
+    """Whether a geotransform maps pixels onto a plane rather than a line (its determinant is not 0)."""
+    return gt[1] * gt[5] - gt[2] * gt[4] != 0
 
 
 def georeference_from_dataset(ds: "rasterio.io.DatasetReader") -> Georeference:

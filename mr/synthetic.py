@@ -169,36 +169,56 @@ def write_scene(
     """Write a georeferenced scene strip by strip and return its planted objects (``scene`` as for make_scene).
 
     ``driver`` is GTiff, COG, NITF or JP2OpenJPEG; ``compress`` defaults to deflate for GTiff and COG, none for NITF
-    (``"jpeg2000"`` gives NITF IC=C8) and lossless for JPEG2000. ``origin`` is the map position of the top-left
-    corner and ``resolution`` the pixel size in CRS units (north up). COG and compressed NITF/JPEG2000 are copied
-    from a tiled GTiff written first beside ``path``.
+    (``"jpeg2000"`` gives lossless NITF IC=C8) and lossless for JPEG2000. ``origin`` is the map position of the
+    top-left corner and ``resolution`` the pixel size in CRS units (north up). COG and compressed NITF/JPEG2000 are
+    copied from a tiled GTiff written first beside ``path``. NITF keeps only EPSG:4326 or WGS84 UTM, and its IGEOLO
+    corners to the whole metre (UTM): its georeference is off by up to a metre.
     """
-    import rasterio
-    import rasterio.shutil
-    from rasterio.transform import from_origin
-
     codec = _resolve_codec(driver, compress)
+    icords = _nitf_icords(crs) if driver == "NITF" else None
     _check_int("blocksize", blocksize, 16)
     if blocksize % 16:
         raise InvalidInputError("blocksize", blocksize, "must be a multiple of 16, e.g. 512")
     spec = _resolve(width, height, **_scene_kwargs(scene))
-    profile = dict(width=spec.width, height=spec.height, count=spec.bands, dtype=spec.dtype.name, crs=crs,
-                   transform=from_origin(origin[0], origin[1], resolution, resolution), nodata=spec.nodata)
-    direct = driver == "GTiff" or (driver == "NITF" and codec is None)
-    target = os.fspath(path) if direct else _scratch_path(path)
-    options = _creation_options(driver if direct else "GTiff", tiled, codec if direct else "deflate", blocksize)
-    if driver == "NITF" and direct:
-        options["ICORDS"] = _nitf_icords(crs)
-    try:
-        with rasterio.open(target, "w", driver=driver if direct else "GTiff", **profile, **options) as dst:
-            for y0, rows in _strips(spec, blocksize):
-                dst.write(rows, window=((y0, y0 + rows.shape[1]), (0, spec.width)))
-        if not direct:
-            rasterio.shutil.copy(target, os.fspath(path), driver=driver, **_copy_options(driver, codec, blocksize, crs))
-    finally:
-        if not direct and os.path.exists(target):
-            os.remove(target)
+    profile = _profile(spec, crs, origin, resolution)
+    if driver == "GTiff" or (driver == "NITF" and codec is None):
+        options = _creation_options(driver, tiled, codec, blocksize, icords)
+        _write_strips(os.fspath(path), driver, spec, {**profile, **options}, blocksize)
+    else:
+        options = _copy_options(driver, codec, blocksize, icords)
+        _write_by_copy(os.fspath(path), driver, spec, profile, options, blocksize)
     return _planted(spec, scene.get("objects"))
+
+
+def _profile(spec: _Spec, crs: str, origin: tuple[float, float], resolution: float) -> dict:
+    """rasterio's size, type and georeference arguments for the scene."""
+    from rasterio.transform import from_origin
+
+    transform = from_origin(origin[0], origin[1], resolution, resolution)
+    return dict(width=spec.width, height=spec.height, count=spec.bands, dtype=spec.dtype.name, crs=crs,
+                transform=transform, nodata=spec.nodata)
+
+
+def _write_strips(path: str, driver: str, spec: _Spec, profile: dict, blocksize: int) -> None:
+    """Create ``path`` and write the scene into it one strip of ``blocksize`` rows at a time."""
+    import rasterio
+
+    with rasterio.open(path, "w", driver=driver, **profile) as dst:
+        for y0, rows in _strips(spec, blocksize):
+            dst.write(rows, window=((y0, y0 + rows.shape[1]), (0, spec.width)))
+
+
+def _write_by_copy(path: str, driver: str, spec: _Spec, profile: dict, options: dict, blocksize: int) -> None:
+    """Write a tiled GTiff beside ``path``, copy it into ``driver``'s format (COG, NITF C8, JPEG2000), remove it."""
+    import rasterio.shutil
+
+    scratch = _scratch_path(path)
+    try:
+        gtiff = _creation_options("GTiff", True, "deflate", blocksize, None)
+        _write_strips(scratch, "GTiff", spec, {**profile, **gtiff}, blocksize)
+        rasterio.shutil.copy(scratch, path, driver=driver, **options)
+    finally:
+        os.remove(scratch)
 
 
 def planted_boxes(objects: Sequence[PlantedObject]) -> np.ndarray:
@@ -578,10 +598,10 @@ def _resolve_codec(driver: str, compress: str | None) -> str | None:
     return None if codec == "none" else codec
 
 
-def _creation_options(driver: str, tiled: bool, codec: str | None, blocksize: int) -> dict:
+def _creation_options(driver: str, tiled: bool, codec: str | None, blocksize: int, icords: str | None) -> dict:
     """GDAL creation options of the strip-written file."""
     if driver == "NITF":
-        return {"BLOCKXSIZE": blocksize, "BLOCKYSIZE": blocksize} if tiled else {}
+        return {"ICORDS": icords, **({"BLOCKSIZE": blocksize} if tiled else {})}
     options = {"tiled": bool(tiled), "BIGTIFF": "IF_SAFER"}
     if tiled:
         options.update(blockxsize=blocksize, blockysize=blocksize)
@@ -590,12 +610,12 @@ def _creation_options(driver: str, tiled: bool, codec: str | None, blocksize: in
     return options
 
 
-def _copy_options(driver: str, codec: str | None, blocksize: int, crs: str) -> dict:
+def _copy_options(driver: str, codec: str | None, blocksize: int, icords: str | None) -> dict:
     """GDAL creation options of the final copy (COG, compressed NITF, JPEG2000)."""
     if driver == "COG":
         return {"COMPRESS": (codec or "NONE").upper(), "BLOCKSIZE": blocksize, "BIGTIFF": "IF_SAFER"}
     if driver == "NITF":
-        return {"IC": "C8", "BLOCKXSIZE": blocksize, "BLOCKYSIZE": blocksize, "ICORDS": _nitf_icords(crs)}
+        return {"IC": "C8", "PROFILE": "NPJE_NUMERICALLY_LOSSLESS", "BLOCKSIZE": blocksize, "ICORDS": icords}
     return {"REVERSIBLE": "YES", "QUALITY": 100, "BLOCKXSIZE": blocksize, "BLOCKYSIZE": blocksize}
 
 

@@ -145,7 +145,8 @@ def gcps_from_affine(affine: Affine, width: int, height: int, per_side: int = 3)
     gcps = []
     for row in np.linspace(0.0, height, per_side):
         for col in np.linspace(0.0, width, per_side):
-            x, y = affine * (col, row)
+            x = affine.a * col + affine.b * row + affine.c
+            y = affine.d * col + affine.e * row + affine.f
             gcps.append(GroundControlPoint(row=float(row), col=float(col), x=x, y=y, z=0.0))
     return gcps
 
@@ -153,16 +154,21 @@ def gcps_from_affine(affine: Affine, width: int, height: int, per_side: int = 3)
 def linear_rpc(
     *, lat_off: float = 10.5, long_off: float = 20.25, lat_scale: float = 0.05, long_scale: float = 0.05,
     line_off: float = 500.0, samp_off: float = 400.0, line_scale: float = 500.0, samp_scale: float = 400.0,
+    sample_height_term: float = 0.0, sample_lat2_term: float = 0.0,
 ) -> RPC:
-    """RPCs that encode a linear mapping: normalised line = -P and sample = L (denominators 1).
+    """RPCs with an analytic inverse: normalised line = -P, sample = L + h*H + c*P^2 (denominators 1).
 
-    With ``P = (lat - lat_off) / lat_scale`` and ``L = (lon - long_off) / long_scale``. The defaults fit the
-    fixed-width fields of a NITF RPC00B TRE exactly, so they survive a NITF round trip.
+    ``P = (lat - lat_off) / lat_scale``, ``L = (lon - long_off) / long_scale``, ``H = height / 100``;
+    ``h = sample_height_term`` and ``c = sample_lat2_term`` (both 0 by default: a linear mapping; c bends
+    straight lon/lat edges in pixel space). The defaults fit the fixed-width fields of a NITF RPC00B TRE
+    exactly, so they survive a NITF round trip.
     """
     zeros = [0.0] * 20
     line_num, samp_num, den = list(zeros), list(zeros), list(zeros)
-    line_num[2] = -1.0  # the P term
-    samp_num[1] = 1.0  # the L term
+    line_num[2] = -1.0  # P
+    samp_num[1] = 1.0  # L
+    samp_num[3] = sample_height_term  # H
+    samp_num[8] = sample_lat2_term  # P^2
     den[0] = 1.0
     return RPC(
         height_off=0.0, height_scale=100.0, lat_off=lat_off, lat_scale=lat_scale, long_off=long_off,
@@ -171,14 +177,17 @@ def linear_rpc(
     )
 
 
-def linear_rpc_truth(rpc: RPC, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def linear_rpc_truth(
+    rpc: RPC, x: np.ndarray, y: np.ndarray, height: np.ndarray | float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     """The analytic (lon, lat) of continuous pixel (x, y) under :func:`linear_rpc` RPCs.
 
     RPC line/sample count from the centre of the first pixel, continuous coordinates from its corner, so
     sample = x - 0.5 and line = y - 0.5 (GDAL's RPC transformer applies the same half-pixel shift).
     """
-    sample = np.asarray(x, dtype=np.float64) - 0.5
-    line = np.asarray(y, dtype=np.float64) - 0.5
-    lon = rpc.long_off + (sample - rpc.samp_off) / rpc.samp_scale * rpc.long_scale
-    lat = rpc.lat_off - (line - rpc.line_off) / rpc.line_scale * rpc.lat_scale
-    return lon, lat
+    sample_norm = (np.asarray(x, dtype=np.float64) - 0.5 - rpc.samp_off) / rpc.samp_scale
+    line_norm = (np.asarray(y, dtype=np.float64) - 0.5 - rpc.line_off) / rpc.line_scale
+    p = -line_norm
+    h = (np.asarray(height, dtype=np.float64) - rpc.height_off) / rpc.height_scale
+    l = sample_norm - rpc.samp_num_coeff[3] * h - rpc.samp_num_coeff[8] * p**2
+    return rpc.long_off + l * rpc.long_scale, rpc.lat_off + p * rpc.lat_scale
