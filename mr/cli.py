@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import warnings
 from pathlib import Path
 
 from mr.errors import MrError
@@ -92,7 +91,8 @@ def command_run(args: argparse.Namespace) -> int:
 
 
 def command_demo(args: argparse.Namespace) -> int:
-    import geopandas as gpd
+    import json
+
     import numpy as np
 
     from mr.synthetic import match_detections, planted_boxes, write_scene
@@ -105,17 +105,20 @@ def command_demo(args: argparse.Namespace) -> int:
     out = folder / "features.geojson"
     _, summary = _run(str(scene), out, args)
     print(summary.paragraph())
-    found = gpd.read_file(out)
-    boxes = np.array([f["imageBBox"] for f in found["imageBBox"]]) if "imageBBox" in found else np.empty((0, 4))
-    recall, precision, _ = match_detections(boxes.reshape(-1, 4), planted_boxes(planted))
-    print(f"Against the {len(planted)} planted objects: recall {recall:.3f}, precision {precision:.3f}.")
+    with open(out) as stream:
+        features = json.load(stream)["features"]
+    boxes = np.array([f["properties"]["imageBBox"] for f in features], dtype=float).reshape(-1, 4)
+    match = match_detections(boxes, planted_boxes(planted))
+    print(f"Against the {len(planted)} planted objects: recall {match.recall:.3f}, precision {match.precision:.3f}.")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import distributed  # noqa: F401  (configures its loggers on import; quiet them afterwards)
+
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
-    warnings.simplefilter("default")
     try:
         return {"run": command_run, "demo": command_demo}[args.command](args)
     except MrError as error:

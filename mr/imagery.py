@@ -506,12 +506,14 @@ def _rioxarray_template(source: ImageSource) -> xr.DataArray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            template = rioxarray.open_rasterio(source.path, lock=False, cache=False, mask_and_scale=False)
+            template = rioxarray.open_rasterio(
+                source.path, lock=False, cache=False, mask_and_scale=False, decode_times=False
+            )
     except (rasterio.errors.RasterioError, CPLE_BaseError, ValueError) as e:
         raise ImageOpenError(source.url, _one_line(e)) from e
     if not isinstance(template, xr.DataArray) or template.dims != DIMS:
-        dims = template.dims if isinstance(template, xr.DataArray) else type(template).__name__
-        raise ImageOpenError(source.url, f"opens as {dims}, not one (band, y, x) array")
+        found = tuple(map(str, template.dims)) if isinstance(template, xr.DataArray) else type(template).__name__
+        raise ImageOpenError(source.url, f"opens as {found}, not one (band, y, x) array")
     return template
 
 

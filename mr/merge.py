@@ -204,23 +204,39 @@ def _within_runs(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, n
     return first, first + 1 + step
 
 
-def _cell_pairs(keys: np.ndarray, cells: tuple[np.ndarray, np.ndarray, np.ndarray], bits: int,
+def _step(keys: np.ndarray, mask: int, delta: int) -> np.ndarray:
+    """The masked (x or y) bits of Morton keys moved by one cell: carries ripple through the other axis's bits."""
+    if delta > 0:
+        return ((keys | ~mask) + 1) & mask
+    if delta < 0:
+        return ((keys & mask) - 1) & mask
+    return keys & mask
+
+
+def _neighbour_keys(keys: np.ndarray, dx: int, dy: int, bits: int) -> np.ndarray:
+    """Keys of the cells (dx, dy) away, in the same group; the caller keeps the cells inside the grid."""
+    x_mask = 0x5555555555555555 & ((1 << 2 * bits) - 1)
+    y_mask = x_mask << 1
+    return (keys & ~(x_mask | y_mask)) | _step(keys, x_mask, dx) | _step(keys, y_mask, dy)
+
+
+def _cell_pairs(keys: np.ndarray, cells: tuple[np.ndarray, np.ndarray], bits: int,
                 targets: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """Positions (a, b) of entries in neighbouring cells of one level.
 
-    ``keys`` (sorted) and ``cells`` (cx, cy, group code) describe the query entries. Without ``targets`` the
-    query set is paired with itself (each unordered pair once: its own cell and half of the neighbours); otherwise
-    every query entry is paired with every entry of the sorted ``targets`` keys in its cell or the 8 around it."""
+    ``keys`` (sorted) and ``cells`` (cx, cy) describe the query entries. Without ``targets`` the query set is paired
+    with itself (each unordered pair once: its own cell and half of the neighbours); otherwise every query entry is
+    paired with every entry of the sorted ``targets`` keys in its cell or the 8 around it."""
     q0, qlen = _runs(keys)
     t_keys = keys if targets is None else targets
     t0, tlen = _runs(t_keys)
     t_unique = t_keys[t0]
-    cx, cy, code = (c[q0] for c in cells)
+    cx, cy, q_keys = cells[0][q0], cells[1][q0], keys[q0]
     parts = [_within_runs(q0, qlen)] if targets is None else []
     for dx, dy in _HALF_NEIGHBOURS if targets is None else _ALL_NEIGHBOURS:
         nx, ny = cx + dx, cy + dy
         inside = np.flatnonzero((nx >= 0) & (ny >= 0) & (nx >> bits == 0) & (ny >> bits == 0))
-        wanted = _cell_key(nx[inside], ny[inside], code[inside], bits)
+        wanted = _neighbour_keys(q_keys[inside], dx, dy, bits)
         found = np.minimum(np.searchsorted(t_unique, wanted), len(t_unique) - 1)
         hit = t_unique[found] == wanted
         rows, found = inside[hit], found[hit]
@@ -245,11 +261,11 @@ def overlapping_pairs(boxes: np.ndarray, groups: np.ndarray | None = None) -> tu
     grid = _build_grid(live_boxes, codes)
     keys = _cell_key(grid.cx0, grid.cy0, codes, grid.bits)
     order = np.argsort(keys)
-    keys, cx, cy, codes, level = keys[order], grid.cx0[order], grid.cy0[order], codes[order], _levels(grid)[order]
+    keys, cx, cy, level = keys[order], grid.cx0[order], grid.cy0[order], _levels(grid)[order]
     found_a, found_b = [], []
     for k in np.unique(level).tolist():
         own = np.flatnonzero(level == k)
-        cells, own_keys = (cx[own] >> k, cy[own] >> k, codes[own]), keys[own] >> 2 * k
+        cells, own_keys = (cx[own] >> k, cy[own] >> k), keys[own] >> 2 * k
         a, b = _cell_pairs(own_keys, cells, grid.bits - k, None)
         found_a.append(own[a]), found_b.append(own[b])
         if k:

@@ -347,7 +347,7 @@ def _resolve(width, height, bands, dtype, n_objects, seed, object_size, min_sepa
     else:
         shapes = tuple(_explicit_shape(o, bands) for o in objects)
     flat = background == "flat"
-    terrain = tuple(rng.uniform(-1, 1, (height // s + 2, width // s + 2)).astype(np.float32) for s, _ in _OCTAVES)
+    terrain = tuple(rng.uniform(-1, 1, (height // s + 3, width // s + 3)).astype(np.float32) for s, _ in _OCTAVES)
     nx_texture = width // _TEXTURE_STEP + 2
     return _Spec(
         width, height, bands, dtype, look,

@@ -140,6 +140,22 @@ def write_sparse_geotiff(
     return Path(path)
 
 
+def write_netcdf_cube(path: str | Path, *, times: int = 3, height: int = 8, width: int = 10) -> Path:
+    """An odd file: a netCDF whose one variable is (time, y, x), which rioxarray opens with a "time" axis."""
+    from scipy.io import netcdf_file
+
+    with netcdf_file(str(path), "w") as nc:
+        nc.createDimension("time", times)
+        nc.createDimension("y", height)
+        nc.createDimension("x", width)
+        time = nc.createVariable("time", "f8", ("time",))
+        time[:] = np.arange(times)
+        time.units = "days since 2020-01-01"
+        cube = nc.createVariable("data", "i2", ("time", "y", "x"))
+        cube[:] = pattern(times, height, width, "int16")
+    return Path(path)
+
+
 def gcps_from_affine(affine: Affine, width: int, height: int, per_side: int = 3) -> list[GroundControlPoint]:
     """GCPs on a ``per_side`` x ``per_side`` grid of continuous pixel positions, placed exactly by ``affine``."""
     gcps = []

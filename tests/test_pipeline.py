@@ -127,7 +127,7 @@ def test_building_a_100k_graph_reads_nothing(tmp_path):
         result = mr.detect(mr.open_image(path), "builtin")
         seconds = time.perf_counter() - started
     grid = result.plan.grid
-    assert grid.region_count == 13 * 13
+    assert grid.region_count == grid.x.region_count * grid.y.region_count > 100
     assert len(result.__dask_graph__()) < 40 * grid.region_count, "graph size must scale with regions, not tiles"
     print(f"graph for 100k²: {seconds:.3f} s, {len(result.__dask_graph__())} tasks, {grid.tile_count} tiles")
 

@@ -214,7 +214,7 @@ def test_match_detections() -> None:
     assert (recall, precision, pairs.tolist()) == (1 / 3, 1 / 4, [[1, 0]])
     assert match_detections(np.empty((0, 4)), truth)[:2] == (0.0, 1.0)
     assert match_detections(pred, np.empty((0, 4)))[:2] == (1.0, 0.0)
-    assert match_detections(Detections.from_labels(truth, [1, 1, 1], "abc"), truth).recall == 1.0
+    assert match_detections(Detections.from_labels(truth, [1, 1, 1], list("abc")), truth).recall == 1.0
     with pytest.raises(InvalidInputError, match="min_iou"):
         match_detections(pred, truth, min_iou=0)
 
