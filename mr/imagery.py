@@ -34,12 +34,16 @@ import rioxarray
 import xarray as xr
 from dask.array.core import normalize_chunks
 from dask.base import tokenize
-from rasterio._err import CPLE_BaseError
 from rasterio.session import AWSSession, Session
 from rasterio.windows import Window
 
 from mr.errors import ImageOpenError, InvalidInputError
 from mr.geo import Georeference, georeference_from_dataset
+
+try:  # GDAL errors that rasterio lets through unwrapped (rasterio 1.x keeps them in a private module)
+    from rasterio._err import CPLE_BaseError
+except ImportError:  # pragma: no cover
+    CPLE_BaseError = rasterio.errors.RasterioError  # type: ignore[assignment,misc]
 
 DIMS = ("band", "y", "x")
 _SECRET_OPTIONS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"})
@@ -392,18 +396,20 @@ def _check_raster(source: ImageSource, ds: rasterio.io.DatasetReader) -> None:
 def _check_tiff_complete(source: ImageSource, ds: rasterio.io.DatasetReader) -> None:
     """A truncated (Geo)TIFF opens fine and fails on first read; its last block's extent gives it away.
 
-    Metadata only: GDAL reports each block's offset and byte count in the "TIFF" domain.
+    Metadata only: GDAL reports each block's offset and byte count in the "TIFF" domain (0 or absent for
+    sparse blocks, which are skipped).
     """
     file_size = os.path.getsize(source.path)
     block_h, block_w = ds.block_shapes[0]
     last = f"{(ds.width - 1) // block_w}_{(ds.height - 1) // block_h}"
     for band in range(1, ds.count + 1):
-        offset = ds.get_tag_item(f"BLOCK_OFFSET_{last}", "TIFF", bidx=band)
-        size = ds.get_tag_item(f"BLOCK_SIZE_{last}", "TIFF", bidx=band)
-        if offset and size and int(offset) + int(size) > file_size:
-            raise ImageOpenError(
-                source.url, f"truncated: {file_size} bytes, but its last block ends at byte {int(offset) + int(size)}"
-            )
+        try:
+            offset = int(ds.get_tag_item(f"BLOCK_OFFSET_{last}", "TIFF", bidx=band) or 0)
+            size = int(ds.get_tag_item(f"BLOCK_SIZE_{last}", "TIFF", bidx=band) or 0)
+        except (rasterio.errors.RasterioError, CPLE_BaseError, ValueError):
+            return  # a TIFF variant that does not report block extents: reads will tell
+        if offset and offset + size > file_size:
+            raise ImageOpenError(source.url, f"truncated: {file_size} bytes, but its last block ends at byte {offset + size}")
 
 
 def _open_failure_reason(e: Exception) -> str:
@@ -532,11 +538,14 @@ def _resolve_chunks(
             raise InvalidInputError("chunks", dict(chunks), f"unknown dimensions {sorted(unknown)}; use band, y, x")
         spec.update(chunks)
     try:
-        return normalize_chunks(
+        normalized = normalize_chunks(
             tuple(spec[d] for d in DIMS), shape, dtype=dtype, previous_chunks=(shape[0], *block_shape)
         )
     except (ValueError, TypeError) as e:
         raise InvalidInputError("chunks", chunks, f"does not fit shape {shape}: {e}") from e
+    if any(size <= 0 for axis in normalized for size in axis) or tuple(map(sum, normalized)) != shape:
+        raise InvalidInputError("chunks", chunks, f"chunk sizes must be positive (or -1 for a whole axis), got {normalized}")
+    return normalized
 
 
 def _file_signature(source: ImageSource) -> tuple[int, int] | None:

@@ -49,11 +49,10 @@ class DedupConfig:
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
         _check_choice("metric", self.metric, METRICS)
-        _check_threshold(self.threshold)
+        for field in _RANGES:
+            _check_number(field, getattr(self, field))
         if not isinstance(self.class_aware, (bool, np.bool_)):
             raise InvalidInputError("class_aware", self.class_aware, "must be True or False")
-        _check_sigma(self.sigma)
-        _check_skip(self.skip_box_threshold)
 
 
 def _check_choice(field: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -61,23 +60,18 @@ def _check_choice(field: str, value: object, allowed: tuple[str, ...]) -> None:
         raise InvalidInputError(field, value, f"must be one of {', '.join(map(repr, allowed))}")
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+_RANGES = {
+    "threshold": (lambda v: 0 < v <= 1, "must be a number in (0, 1]; 1 disables suppression"),
+    "sigma": (lambda v: 0 < v < np.inf, "must be a finite number > 0, e.g. 0.5"),
+    "skip_box_threshold": (lambda v: 0 <= v <= 1, "must be a number in [0, 1]; 0 never drops a box"),
+}
 
 
-def _check_threshold(value: object) -> None:
-    if not (_is_number(value) and 0 < value <= 1):
-        raise InvalidInputError("threshold", value, "must be a number in (0, 1]; 1 disables suppression")
-
-
-def _check_sigma(value: object) -> None:
-    if not (_is_number(value) and 0 < value < np.inf):
-        raise InvalidInputError("sigma", value, "must be a finite number > 0, e.g. 0.5")
-
-
-def _check_skip(value: object) -> None:
-    if not (_is_number(value) and 0 <= value <= 1):
-        raise InvalidInputError("skip_box_threshold", value, "must be a number in [0, 1]; 0 never drops a box")
+def _check_number(field: str, value: object) -> None:
+    within, reason = _RANGES[field]
+    is_number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if not (is_number and within(value)):
+        raise InvalidInputError(field, value, reason)
 
 
 def _as_boxes(boxes: np.ndarray) -> np.ndarray:
@@ -134,49 +128,31 @@ def _cell_key(cx: np.ndarray, cy: np.ndarray, codes: np.ndarray, bits: int) -> n
     return (codes << (2 * bits)) | _spread_bits(cx) | (_spread_bits(cy) << 1)
 
 
-@dataclass(frozen=True)
-class _Grid:
-    """Integer cell coordinates of both corners of every box in a grid of ``2**bits`` square cells a side."""
+def _grid_cells(boxes: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Cell (x, y) of every box's first corner, the box's level, and the bits per axis of the finest grid.
 
-    cx0: np.ndarray
-    cy0: np.ndarray
-    cx1: np.ndarray
-    cy1: np.ndarray
-    bits: int
-
-
-def _build_grid(boxes: np.ndarray, codes: np.ndarray) -> _Grid:
-    """Cells about as large as nearly all boxes; a few huge boxes must not set the size for everyone.
-
-    Coordinates are mapped by a monotone function, so overlapping boxes provably have corner cells at most one apart
-    at the level where both fit; no epsilon is needed."""
+    The finest cells are about as large as nearly all boxes: a few huge boxes must not set the size for everyone.
+    A box's level is the first k at which the cells of its two corners, ``>> k``, are at most one apart. Coordinates
+    map to cells by a monotone function, so two overlapping boxes provably lie at most one cell apart at the level of
+    the larger one: no epsilon is needed."""
     sides = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
     origin = boxes[:, :2].min(axis=0)
     extent = float(np.max(boxes[:, 2:].max(axis=0) - origin))
     if not np.isfinite(extent):
         raise InvalidInputError("boxes", extent, "coordinates span more than float64 can hold")
-    bits = min(31, (62 - int(codes.max(initial=0)).bit_length()) // 2)
+    bits = min(31, (62 - int(codes.max(initial=0)).bit_length()) // 2)  # group code and Morton code share 62 bits
     cell = max(float(np.quantile(sides, _BASE_CELL_QUANTILE)), extent / ((1 << bits) - 2))
-    scale, top = 1.0 / cell, float((1 << bits) - 1)
-
-    def coord(values: np.ndarray, axis_origin: float) -> np.ndarray:
-        return np.clip(np.floor((values - axis_origin) * scale), 0, top).astype(np.int64)
-
-    return _Grid(coord(boxes[:, 0], origin[0]), coord(boxes[:, 1], origin[1]),
-                 coord(boxes[:, 2], origin[0]), coord(boxes[:, 3], origin[1]), bits)
-
-
-def _levels(grid: _Grid) -> np.ndarray:
-    """The coarsest-needed level of each box: the first k at which its corners' cells ``>> k`` are at most one apart."""
-    level = np.zeros(len(grid.cx0), np.int64)
-    todo = np.flatnonzero((grid.cx1 - grid.cx0 > 1) | (grid.cy1 - grid.cy0 > 1))
+    x0, y0, x1, y1 = (np.clip(np.floor((boxes[:, c] - origin[c % 2]) / cell), 0, (1 << bits) - 1).astype(np.int64)
+                      for c in range(4))
+    level = np.zeros(len(boxes), np.int64)
+    todo = np.flatnonzero((x1 - x0 > 1) | (y1 - y0 > 1))
     k = 0
     while todo.size:
         k += 1
-        fits = ((grid.cx1[todo] >> k) - (grid.cx0[todo] >> k) <= 1) & ((grid.cy1[todo] >> k) - (grid.cy0[todo] >> k) <= 1)
+        fits = ((x1[todo] >> k) - (x0[todo] >> k) <= 1) & ((y1[todo] >> k) - (y0[todo] >> k) <= 1)
         level[todo[fits]] = k
         todo = todo[~fits]
-    return level
+    return x0, y0, level, bits
 
 
 def _runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -204,20 +180,14 @@ def _within_runs(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, n
     return first, first + 1 + step
 
 
-def _step(keys: np.ndarray, mask: int, delta: int) -> np.ndarray:
-    """The masked (x or y) bits of Morton keys moved by one cell: carries ripple through the other axis's bits."""
-    if delta > 0:
-        return ((keys | ~mask) + 1) & mask
-    if delta < 0:
-        return ((keys & mask) - 1) & mask
-    return keys & mask
-
-
 def _neighbour_keys(keys: np.ndarray, dx: int, dy: int, bits: int) -> np.ndarray:
-    """Keys of the cells (dx, dy) away, in the same group; the caller keeps the cells inside the grid."""
+    """Keys of the cells (dx, dy) away, in the same group, by carry arithmetic on the interleaved bits: with the other
+    axis's bits set, +1 ripples through this axis's bits only (likewise -1). The caller keeps cells inside the grid."""
     x_mask = 0x5555555555555555 & ((1 << 2 * bits) - 1)
-    y_mask = x_mask << 1
-    return (keys & ~(x_mask | y_mask)) | _step(keys, x_mask, dx) | _step(keys, y_mask, dy)
+    moved = keys & ~(x_mask | x_mask << 1)
+    for delta, mask in ((dx, x_mask), (dy, x_mask << 1)):
+        moved |= ((keys | ~mask) + 1 if delta > 0 else (keys & mask) - 1 if delta < 0 else keys) & mask
+    return moved
 
 
 def _cell_pairs(keys: np.ndarray, cells: tuple[np.ndarray, np.ndarray], bits: int,
@@ -252,25 +222,28 @@ def overlapping_pairs(boxes: np.ndarray, groups: np.ndarray | None = None) -> tu
     Cost is about O(n log n + pairs found) for any mix of sizes; one huge box costs one O(n) pass, never O(n²).
     Zero-area boxes have no interior and appear in no pair. Pairs come in no particular order."""
     boxes = _as_boxes(boxes)
-    groups = _as_column("groups", groups, len(boxes), "i")
+    return _overlapping_pairs(boxes, _as_column("groups", groups, len(boxes), "i"))
+
+
+def _overlapping_pairs(boxes: np.ndarray, groups: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`overlapping_pairs` of validated input."""
     live = np.flatnonzero((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
     if len(live) < 2:
         return _EMPTY_PAIRS
-    live_boxes = boxes[live]
     codes = np.zeros(len(live), np.int64) if groups is None else _group_codes(groups[live])
-    grid = _build_grid(live_boxes, codes)
-    keys = _cell_key(grid.cx0, grid.cy0, codes, grid.bits)
+    cx, cy, level, bits = _grid_cells(boxes[live], codes)
+    keys = _cell_key(cx, cy, codes, bits)
     order = np.argsort(keys)
-    keys, cx, cy, level = keys[order], grid.cx0[order], grid.cy0[order], _levels(grid)[order]
+    keys, cx, cy, level = keys[order], cx[order], cy[order], level[order]
     found_a, found_b = [], []
     for k in np.unique(level).tolist():
         own = np.flatnonzero(level == k)
         cells, own_keys = (cx[own] >> k, cy[own] >> k), keys[own] >> 2 * k
-        a, b = _cell_pairs(own_keys, cells, grid.bits - k, None)
+        a, b = _cell_pairs(own_keys, cells, bits - k, None)
         found_a.append(own[a]), found_b.append(own[b])
         if k:
             smaller = np.flatnonzero(level < k)
-            a, b = _cell_pairs(own_keys, cells, grid.bits - k, keys[smaller] >> 2 * k)
+            a, b = _cell_pairs(own_keys, cells, bits - k, keys[smaller] >> 2 * k)
             found_a.append(own[a]), found_b.append(smaller[b])
     i, j = live[order[np.concatenate(found_a)]], live[order[np.concatenate(found_b)]]
     x0, y0, x1, y1 = boxes.T
@@ -300,17 +273,12 @@ def pair_overlap(boxes: np.ndarray, i: np.ndarray, j: np.ndarray, metric: str) -
 def _duplicate_edges(boxes: np.ndarray, threshold: float, metric: str,
                      groups: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs whose overlap is strictly above ``threshold``, and that overlap: the only pairs NMS ever looks at."""
-    _check_threshold(threshold)
+    _check_number("threshold", threshold)
     _check_choice("metric", metric, METRICS)
-    i, j = overlapping_pairs(boxes, groups)
+    i, j = _overlapping_pairs(boxes, _as_column("groups", groups, len(boxes), "i"))
     overlap = pair_overlap(boxes, i, j, metric)
     above = overlap > threshold
     return i[above], j[above], overlap[above]
-
-
-def _priority(nodes: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """``nodes`` (ascending) in visiting order: descending score, ties broken by the lower index first."""
-    return nodes[np.argsort(-scores[nodes], kind="stable")]
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, *, threshold: float, metric: str = "iou",
@@ -325,7 +293,8 @@ def nms(boxes: np.ndarray, scores: np.ndarray, *, threshold: float, metric: str 
     i, j, _ = _duplicate_edges(boxes, threshold, metric, groups)
     suppressed = np.zeros(len(boxes), bool)
     if len(i):
-        order = _priority(np.unique(np.r_[i, j]), scores)
+        nodes = np.unique(np.r_[i, j])
+        order = nodes[np.argsort(-scores[nodes], kind="stable")]  # by descending score, then ascending index
         rank = np.empty(len(boxes), np.int64)
         rank[order] = np.arange(len(order))
         first = rank[i] < rank[j]
@@ -349,8 +318,8 @@ def soft_nms(boxes: np.ndarray, scores: np.ndarray, *, threshold: float, sigma: 
     whose score is, or falls, below ``skip_box_threshold`` is dropped at once and decays nothing. The paper decays
     every overlapping pair; a tiny threshold (1e-9) reproduces that, since ``exp(-1e-18 / sigma)`` is 1.0 in float64.
     Boxes with no such neighbour keep their score; the rest run through a heap with lazy deletion."""
-    _check_sigma(sigma)
-    _check_skip(skip_box_threshold)
+    _check_number("sigma", sigma)
+    _check_number("skip_box_threshold", skip_box_threshold)
     boxes = _as_boxes(boxes)
     current = _as_column("scores", scores, len(boxes), "f").astype(np.float64)
     i, j, overlap = _duplicate_edges(boxes, threshold, metric, groups)

@@ -11,11 +11,12 @@ mutually uncorrelated and the values exactly normal, at the cost of a memory cop
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import tempfile
 from dataclasses import dataclass
-from numbers import Integral
+from numbers import Integral, Real
 from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -144,8 +145,11 @@ def make_scene(
     contrast (DN). ``background`` is ``"terrain"`` or ``"flat"`` (noise only). ``collar`` > 0 cuts the four
     corners diagonally to ``nodata``, like the footprint of a rotated satellite image.
     """
-    spec = _resolve(width, height, bands, dtype, n_objects, seed, object_size, min_separation, contrast,
-                    bright_fraction, objects, background, nodata, collar)
+    spec = _resolve(
+        width, height, bands=bands, dtype=dtype, n_objects=n_objects, seed=seed, object_size=object_size,
+        min_separation=min_separation, contrast=contrast, bright_fraction=bright_fraction, objects=objects,
+        background=background, nodata=nodata, collar=collar,
+    )
     image = np.empty((spec.bands, spec.height, spec.width), spec.dtype)
     for y0, rows in _strips(spec, _STRIP):
         image[:, y0 : y0 + rows.shape[1]] = rows
@@ -233,7 +237,8 @@ def objects_to_geojson(objects: Sequence[PlantedObject], transform: object | Non
     for obj in objects:
         corners = [(obj.x0, obj.y0), (obj.x1, obj.y0), (obj.x1, obj.y1), (obj.x0, obj.y1), (obj.x0, obj.y0)]
         if transform is not None:
-            corners = [tuple(transform * c) for c in corners]
+            a, b, c, d, e, f = (transform.a, transform.b, transform.c, transform.d, transform.e, transform.f)
+            corners = [(a * x + b * y + c, d * x + e * y + f) for x, y in corners]
         features.append({
             "type": "Feature",
             "geometry": {"type": "Polygon", "coordinates": [[list(map(float, c)) for c in corners]]},
@@ -313,17 +318,18 @@ def _as_boxes(boxes: object) -> np.ndarray:
 
 def _scene_kwargs(scene: dict) -> dict:
     """make_scene's keyword arguments with their defaults, rejecting unknown ones."""
-    defaults = dict(bands=1, dtype=np.uint8, n_objects=None, seed=0, object_size=(6, 24), min_separation=8,
-                    contrast=(6.0, 12.0), bright_fraction=0.5, objects=None, background="terrain", nodata=None,
-                    collar=0)
+    parameters = inspect.signature(make_scene).parameters.values()
+    defaults = {p.name: p.default for p in parameters if p.kind is p.KEYWORD_ONLY}
     unknown = sorted(set(scene) - set(defaults))
     if unknown:
         raise InvalidInputError(unknown[0], scene[unknown[0]], f"is not a scene option; known: {sorted(defaults)}")
     return {**defaults, **scene}
 
 
-def _resolve(width, height, bands, dtype, n_objects, seed, object_size, min_separation, contrast,
-             bright_fraction, objects, background, nodata, collar) -> _Spec:
+def _resolve(width: int, height: int, *, bands: int, dtype: object, n_objects: int | None, seed: int,
+             object_size: tuple[float, float], min_separation: float, contrast: tuple[float, float],
+             bright_fraction: float, objects: Sequence[PlantedObject] | None, background: str,
+             nodata: float | None, collar: int) -> _Spec:
     """Validate make_scene's arguments and draw the scene's random numbers, in a fixed order."""
     _check_int("width", width, 1)
     _check_int("height", height, 1)
@@ -342,8 +348,9 @@ def _resolve(width, height, bands, dtype, n_objects, seed, object_size, min_sepa
     look = LOOKS[dtype]
     rng = np.random.default_rng(seed)
     if objects is None:
-        shapes = _random_shapes(rng, width, height, n_objects, object_size, min_separation, contrast,
-                                bright_fraction, look, bands, collar)
+        shapes = _random_shapes(rng, width, height, n_objects=n_objects, object_size=object_size,
+                                min_separation=min_separation, contrast=contrast, bright_fraction=bright_fraction,
+                                look=look, bands=bands, collar=collar)
     else:
         shapes = tuple(_explicit_shape(o, bands) for o in objects)
     flat = background == "flat"
@@ -365,38 +372,50 @@ def _resolve(width, height, bands, dtype, n_objects, seed, object_size, min_sepa
     )
 
 
-def _random_shapes(rng, width, height, n_objects, object_size, min_separation, contrast, bright_fraction, look,
-                   bands, collar) -> tuple[_Shape, ...]:
+def _random_shapes(rng: np.random.Generator, width: int, height: int, *, n_objects: int | None,
+                   object_size: tuple[float, float], min_separation: float, contrast: tuple[float, float],
+                   bright_fraction: float, look: Look, bands: int, collar: int) -> tuple[_Shape, ...]:
     """Objects on a jittered grid: one per randomly chosen free cell, so they keep ``min_separation`` apart."""
-    lo, hi = _check_range("object_size", object_size, 2.0)
-    c_lo, c_hi = _check_range("contrast", contrast, 0.0)
-    if not 0 <= bright_fraction <= 1:
+    size = _check_range("object_size", object_size, 2.0)
+    strength = _check_range("contrast", contrast, 0.0)
+    if not (isinstance(bright_fraction, Real) and 0 <= bright_fraction <= 1):
         raise InvalidInputError("bright_fraction", bright_fraction, "must be in [0, 1]")
-    if not (isinstance(min_separation, (int, float)) and min_separation >= 0):
+    if not (isinstance(min_separation, Real) and 0 <= min_separation < math.inf):
         raise InvalidInputError("min_separation", min_separation, "must be a number >= 0")
-    cell = math.ceil(hi * math.sqrt(2)) + 2 + math.ceil(min_separation)
+    cell = math.ceil(size[1] * math.sqrt(2)) + 2 + math.ceil(min_separation)
     free = _free_cells(width, height, cell, collar)
-    n = round(40 * width * height / 1024**2) if n_objects is None else n_objects
+    n = min(round(40 * width * height / 1024**2), len(free)) if n_objects is None else n_objects
     _check_int("n_objects", n, 0)
     if n > len(free):
-        raise InvalidInputError("n_objects", n, f"at most {len(free)} objects of up to {hi} px fit "
+        raise InvalidInputError("n_objects", n, f"at most {len(free)} objects of up to {size[1]} px fit "
                                 f"{min_separation} px apart in {width}x{height}; lower the size or separation")
     chosen = free[np.sort(rng.choice(len(free), n, replace=False))]
-    length = rng.uniform(lo, hi, n)
-    width_ = rng.uniform(np.maximum(lo, length / 3), length)
+    room = (cell - min_separation) / 2
+    polarity = np.where(rng.random(n) < bright_fraction, 1.0, -1.0)
+    return _draw_shapes(rng, chosen * cell + cell / 2, room, size, polarity * look.clutter, strength, bands)
+
+
+def _draw_shapes(rng: np.random.Generator, centres: np.ndarray, room: float, size: tuple[float, float],
+                 sigma: np.ndarray, strength: tuple[float, float], bands: int) -> tuple[_Shape, ...]:
+    """Random shapes, each jittered around its centre so that its box stays within ``room`` of it.
+
+    Kinds: 40% axis-aligned rectangles, 35% rotated rectangles, 25% ellipses; width from [max(lo, length/3),
+    length]; contrast ``sigma`` × uniform(strength); colour per band in [0.7, 1.3], averaging 1.
+    """
+    n = len(centres)
+    length = rng.uniform(size[0], size[1], n)
+    width = rng.uniform(np.maximum(size[0], length / 3), length)
     kind = rng.choice(3, n, p=[0.4, 0.35, 0.25])
     angle = np.where(kind == 0, rng.integers(0, 2, n) * math.pi / 2, rng.uniform(0, math.pi, n))
-    ex, ey = _half_extents(length, width_, angle, kind == 2)
-    room = (cell - min_separation) / 2
-    cx = chosen[:, 0] * cell + cell / 2 + rng.uniform(-1, 1, n) * np.maximum(room - ex, 0)
-    cy = chosen[:, 1] * cell + cell / 2 + rng.uniform(-1, 1, n) * np.maximum(room - ey, 0)
-    sign = np.where(rng.random(n) < bright_fraction, 1.0, -1.0)
-    size = sign * rng.uniform(c_lo, c_hi, n) * look.clutter
+    ex, ey = _half_extents(length, width, angle, kind == 2)
+    cx = centres[:, 0] + rng.uniform(-1, 1, n) * np.maximum(room - ex, 0)
+    cy = centres[:, 1] + rng.uniform(-1, 1, n) * np.maximum(room - ey, 0)
+    contrast = sigma * rng.uniform(strength[0], strength[1], n)
     colour = rng.uniform(0.7, 1.3, (n, bands))
     colour /= colour.mean(axis=1, keepdims=True)
     return tuple(
-        _Shape(float(cx[i]), float(cy[i]), float(length[i]), float(width_[i]), float(angle[i]), bool(kind[i] == 2),
-               float(size[i]), tuple(map(float, colour[i])))
+        _Shape(float(cx[i]), float(cy[i]), float(length[i]), float(width[i]), float(angle[i]), bool(kind[i] == 2),
+               float(contrast[i]), tuple(map(float, colour[i])))
         for i in range(n)
     )
 
@@ -412,7 +431,7 @@ def _free_cells(width: int, height: int, cell: int, collar: int) -> np.ndarray:
     return cells[clear]
 
 
-def _half_extents(length, width, angle, ellipse) -> tuple[np.ndarray, np.ndarray]:
+def _half_extents(length: object, width: object, angle: object, ellipse: object) -> tuple[np.ndarray, np.ndarray]:
     """Half width and half height of the boxes of rotated rectangles or ellipses."""
     a, b = np.asarray(length) / 2, np.asarray(width) / 2
     c, s = np.abs(np.cos(angle)), np.abs(np.sin(angle))
@@ -442,6 +461,7 @@ def _planted(spec: _Spec, objects: Sequence[PlantedObject] | None) -> list[Plant
 
 
 def _check_int(field: str, value: object, low: int) -> None:
+    """An integer of at least ``low``."""
     if not isinstance(value, Integral) or isinstance(value, bool) or value < low:
         raise InvalidInputError(field, value, f"must be an integer >= {low}")
 

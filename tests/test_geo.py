@@ -47,8 +47,9 @@ def _utm_truth_lonlat(affine, x, y):
 def _utm_truth_pixel(affine, lon, lat):
     """Independent inverse of `_utm_truth_lonlat`."""
     e, n = pyproj.Transformer.from_crs("EPSG:4326", rasters.UTM_CRS, always_xy=True).transform(lon, lat)
-    col, row = ~affine * (np.asarray(e), np.asarray(n))
-    return col, row
+    inverse = ~affine
+    e, n = np.asarray(e), np.asarray(n)
+    return inverse.a * e + inverse.b * n + inverse.c, inverse.d * e + inverse.e * n + inverse.f
 
 
 @pytest.fixture(scope="module")

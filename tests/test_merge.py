@@ -120,14 +120,15 @@ def test_overlapping_pairs_match_brute_force(case, grouped):
     assert set(found) == reference_pairs(boxes, groups)
 
 
-@pytest.mark.parametrize("offset", [0.0, -3e3, 1e9])
-def test_overlapping_pairs_with_sizes_spanning_many_levels(offset):
+@pytest.mark.parametrize("offset, far", [(0.0, False), (-3e3, False), (1e9, False), (0.0, True)])
+def test_overlapping_pairs_with_sizes_spanning_many_levels(offset, far):
     rng = np.random.default_rng(7)
     corners = rng.uniform(0, 2000, (300, 2)) + offset
+    corners[:5] += 1e14 * far  # a few boxes very far away force cells coarser than the boxes
     sizes = 2.0 ** rng.uniform(-3, 12, (300, 2))
     boxes = np.c_[corners, corners + sizes]
     groups = rng.integers(0, 2, 300)
-    for g in (None, groups):
+    for g in (None, groups, groups * 10**15 - 7):  # ids far apart are recoded
         i, j = overlapping_pairs(boxes, g)
         assert set(zip(i.tolist(), j.tolist())) == reference_pairs(boxes, g)
 
