@@ -40,8 +40,9 @@ RpcItems = tuple[tuple[str, "float | tuple[float, ...]"], ...]
 _IDENTITY_GEOTRANSFORM: GeoTransform = (0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 _RPC_PIXEL_ERROR_THRESHOLD = 1e-4
 """GDAL's iterative pixel -> ground RPC solution stops at this error in pixels (GDAL's default is 0.1)."""
-_RPC_ROUND_TRIP_TOLERANCE = 0.01
-"""A pixel -> ground RPC result whose exact ground -> pixel image misses by more pixels than this failed."""
+_RPC_ROUND_TRIP_TOLERANCE = 0.1
+"""Pixels by which a pixel -> ground RPC result may miss when mapped back exactly (GDAL's own convergence
+threshold); further off, the iteration failed and the point becomes NaN."""
 _DENSIFY_SEGMENTS = 64
 """Boundary segments per geometry extent when projecting a geometry into pixel space."""
 
@@ -176,7 +177,8 @@ def world_to_pixel(
     lons, lats, shape = _flat_pair(lon, lat)
     if kind == "affine":
         cx, cy = _from_wgs84(georef.crs).transform(lons, lats)  # type: ignore[arg-type]
-        xs, ys = _apply_geotransform(_inverse_geotransform(georef.transform), np.asarray(cx), np.asarray(cy))  # type: ignore[arg-type]
+        inverse = _inverse_geotransform(georef.transform)  # type: ignore[arg-type]
+        xs, ys = _apply_geotransform(inverse, np.asarray(cx), np.asarray(cy))
     elif kind == "gcp":
         cx, cy = _from_wgs84(georef.gcp_crs).transform(lons, lats)  # type: ignore[arg-type]
         xs, ys = _gdal_ground_to_pixel(georef, np.asarray(cx), np.asarray(cy), np.zeros_like(lons))
@@ -274,7 +276,8 @@ def _gdal_transformer_for_thread(georef: Georeference, thread_id: int) -> "Trans
     from rasterio.transform import GCPTransformer, RPCTransformer
 
     if georef.kind == "rpc":
-        return RPCTransformer(RPC(**georef.rpc_dict), RPC_PIXEL_ERROR_THRESHOLD=_RPC_PIXEL_ERROR_THRESHOLD)  # type: ignore[arg-type]
+        rpc = RPC(**georef.rpc_dict)  # type: ignore[arg-type]
+        return RPCTransformer(rpc, RPC_PIXEL_ERROR_THRESHOLD=_RPC_PIXEL_ERROR_THRESHOLD)
     gcps = [GroundControlPoint(row=r, col=c, x=gx, y=gy, z=gz) for r, c, gx, gy, gz in georef.gcps or ()]
     return GCPTransformer(gcps)
 

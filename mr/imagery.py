@@ -176,25 +176,31 @@ def image_id_for(url: str | os.PathLike[str]) -> str:
 _thread_handles = threading.local()
 
 
-def _dataset(path: str, env: GdalEnv) -> rasterio.io.DatasetReader:
-    """This thread's open dataset for ``path`` (a small LRU per thread; opened inside ``env``)."""
-    handles: OrderedDict[tuple[str, GdalEnv], Any] = getattr(_thread_handles, "handles", None) or OrderedDict()
+_HandleKey = tuple[str, GdalEnv, "tuple[int, int] | None"]
+
+
+def _dataset(key: _HandleKey) -> rasterio.io.DatasetReader:
+    """This thread's open dataset for ``(path, env, file signature)``: a small LRU per thread.
+
+    The file signature (size, mtime) is part of the key so that a file rewritten at the same path is
+    opened afresh instead of read through a stale handle. Called inside ``env``.
+    """
+    handles: OrderedDict[_HandleKey, Any] = getattr(_thread_handles, "handles", None) or OrderedDict()
     _thread_handles.handles = handles
-    key = (path, env)
     if key in handles:
         handles.move_to_end(key)
         return handles[key]
-    handles[key] = rasterio.open(path, sharing=False)  # no catch_warnings here: it is not thread-safe
+    handles[key] = rasterio.open(key[0], sharing=False)  # no catch_warnings here: it is not thread-safe
     while len(handles) > _HANDLES_PER_THREAD:
         handles.popitem(last=False)[1].close()
     return handles[key]
 
 
-def _forget_dataset(path: str, env: GdalEnv) -> None:
+def _forget_dataset(key: _HandleKey) -> None:
     """Drop a handle that failed, so that a retried task opens the file afresh."""
     handles = getattr(_thread_handles, "handles", None)
-    if handles is not None and (path, env) in handles:
-        handles.pop((path, env)).close()
+    if handles is not None and key in handles:
+        handles.pop(key).close()
 
 
 def _axis_range(key: object, size: int) -> tuple[range, bool]:
@@ -240,6 +246,8 @@ class RasterReader:
     height: int
     width: int
     dtype_name: str
+    signature: tuple[int, int] | None = None
+    """Size and mtime of a local file when opened (None for remote files)."""
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -273,9 +281,9 @@ class RasterReader:
         indexes = [self.bands[i] for i in bands]
         try:
             with self.env.activate():
-                data = _dataset(self.path, self.env).read(indexes=indexes, window=window)
+                data = _dataset((self.path, self.env, self.signature)).read(indexes=indexes, window=window)
         except (rasterio.errors.RasterioError, CPLE_BaseError) as e:
-            _forget_dataset(self.path, self.env)
+            _forget_dataset((self.path, self.env, self.signature))
             where = f"rows {r0}:{r0 + window.height}, columns {c0}:{c0 + window.width}"
             raise ImageOpenError(self.url, f"reading {where} failed (truncated or corrupt?): {_one_line(e)}") from e
         if rows.step != 1:
@@ -316,7 +324,9 @@ def open_image(
         template = _rioxarray_template(source)
     if bands is not None:
         template = template.isel(band=[b - 1 for b in band_indexes])
-    reader = RasterReader(source.url, source.path, source.env, band_indexes, info.height, info.width, info.dtype)
+    reader = RasterReader(
+        source.url, source.path, source.env, band_indexes, info.height, info.width, info.dtype, _file_signature(source)
+    )
     result = template.copy(data=_dask_array(reader, source, chunks, block_shape))
     template.close()
     result.attrs.update(
@@ -409,7 +419,8 @@ def _check_tiff_complete(source: ImageSource, ds: rasterio.io.DatasetReader) -> 
         except (rasterio.errors.RasterioError, CPLE_BaseError, ValueError):
             return  # a TIFF variant that does not report block extents: reads will tell
         if offset and offset + size > file_size:
-            raise ImageOpenError(source.url, f"truncated: {file_size} bytes, but its last block ends at byte {offset + size}")
+            reason = f"truncated: {file_size} bytes, but its last block ends at byte {offset + size}"
+            raise ImageOpenError(source.url, reason)
 
 
 def _open_failure_reason(e: Exception) -> str:
@@ -529,7 +540,9 @@ def _resolve_chunks(
     """Chunk sizes per axis: whole bands, and y/x aligned to the file's blocks unless given explicitly."""
     spec: dict[str, Any] = {"band": -1, "y": "auto", "x": "auto"}
     if isinstance(chunks, bool) or not (chunks is None or isinstance(chunks, (int, Mapping))):
-        raise InvalidInputError("chunks", chunks, "use None, an int (pixels per side) or a dict like {'y': 8192, 'x': 8192}")
+        raise InvalidInputError(
+            "chunks", chunks, "use None, an int (pixels per side) or a dict like {'y': 8192, 'x': 8192}"
+        )
     if isinstance(chunks, int):
         spec.update(y=chunks, x=chunks)
     elif isinstance(chunks, Mapping):
@@ -544,7 +557,9 @@ def _resolve_chunks(
     except (ValueError, TypeError) as e:
         raise InvalidInputError("chunks", chunks, f"does not fit shape {shape}: {e}") from e
     if any(size <= 0 for axis in normalized for size in axis) or tuple(map(sum, normalized)) != shape:
-        raise InvalidInputError("chunks", chunks, f"chunk sizes must be positive (or -1 for a whole axis), got {normalized}")
+        raise InvalidInputError(
+            "chunks", chunks, f"chunk sizes must be positive (or -1 for a whole axis), got {normalized}"
+        )
     return normalized
 
 
@@ -567,7 +582,7 @@ def _dask_array(
     """
     normalized = _resolve_chunks(chunks, reader.shape, reader.dtype, block_shape)
     name = _NAME_PREFIX + tokenize(
-        source.path, _file_signature(source), reader.bands, normalized, reader.dtype_name, reader.shape, source.env
+        source.path, reader.signature, reader.bands, normalized, reader.dtype_name, reader.shape, source.env
     )
     return da.from_array(
         reader, chunks=normalized, name=name, lock=False, asarray=False, fancy=False, inline_array=True,

@@ -81,11 +81,10 @@ def _as_boxes(boxes: np.ndarray) -> np.ndarray:
         return array.reshape(0, 4)
     if array.ndim != 2 or array.shape[1] != 4:
         raise InvalidInputError("boxes", array.shape, "must have shape (n, 4): x0, y0, x1, y1")
-    if not np.isfinite(array).all():
-        raise InvalidInputError("boxes", "non-finite values", "every coordinate must be finite")
-    if (array[:, 2] < array[:, 0]).any() or (array[:, 3] < array[:, 1]).any():
-        bad = int(np.flatnonzero((array[:, 2] < array[:, 0]) | (array[:, 3] < array[:, 1]))[0])
-        raise InvalidInputError("boxes", array[bad].tolist(), f"row {bad} has x1 < x0 or y1 < y0")
+    bad = np.flatnonzero(~np.isfinite(array).all(axis=1) | (array[:, 2] < array[:, 0]) | (array[:, 3] < array[:, 1]))
+    if bad.size:
+        raise InvalidInputError("boxes", array[bad[0]].tolist(), f"row {bad[0]} (and {bad.size - 1} more) is not a "
+                                "finite box with x1 >= x0 and y1 >= y0")
     return array
 
 

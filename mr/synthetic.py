@@ -28,7 +28,7 @@ _STRIP = 128
 """Rows rendered at a time."""
 _POOL = 1 << 20
 """Normal variates in each noise pool."""
-_TEXTURE_STEP = 4
+_TEXTURE_STEP = 2
 """Pixels between texture nodes: the texture's correlation length."""
 _OCTAVES = ((2048, 1.0), (512, 0.5), (128, 0.25))
 """(node spacing in pixels, weight) of the terrain's value-noise octaves."""

@@ -84,7 +84,7 @@ def write_raster(
 
 
 def write_geotiff(path: str | Path, *, tiled: bool = False, blocksize: int = 16, **kwargs: object) -> Path:
-    """A GeoTIFF, striped (one row per strip group, GDAL's default) or tiled ``blocksize`` square."""
+    """A GeoTIFF, striped (GDAL's default strips of several rows) or tiled ``blocksize`` square."""
     options: dict[str, object] = {"TILED": "YES", "BLOCKXSIZE": blocksize, "BLOCKYSIZE": blocksize} if tiled else {}
     return write_raster(path, driver="GTiff", **options, **kwargs)  # type: ignore[arg-type]
 
@@ -105,7 +105,8 @@ def write_nitf(
 ) -> Path:
     """A NITF 2.1 with header fields; ``rpcs=`` adds an RPC00B TRE. The geotransform becomes IGEOLO
     corners, stored to the arc-second, so a NITF's affine is coarse by design."""
-    return write_raster(path, driver="NITF", crs=crs, transform=transform, **dict(headers), **kwargs)  # type: ignore[arg-type]
+    options = {**dict(headers), **kwargs}
+    return write_raster(path, driver="NITF", crs=crs, transform=transform, **options)  # type: ignore[arg-type]
 
 
 def write_plain_tiff(path: str | Path, **kwargs: object) -> Path:

@@ -245,6 +245,16 @@ def test_curved_rpc_round_trip():
     assert np.abs(back_x - x).max() < TOLERANCE_PX and np.abs(back_y - y).max() < TOLERANCE_PX
 
 
+def test_rpc_points_that_do_not_map_back_become_nan():
+    rpc = rasters.linear_rpc()
+    georef = Georeference(width=WIDTH, height=HEIGHT, rpcs=rpc.to_dict())
+    x, y = np.array([10.0, 20.0]), np.array([10.0, 20.0])
+    lon, lat = rasters.linear_rpc_truth(rpc, x, y)
+    lon[1] += rpc.long_scale / rpc.samp_scale  # one pixel off: what a diverged iteration would return
+    masked_lon, masked_lat = geo._mask_rpc_failures(georef, x, y, np.zeros(2), lon, lat)
+    assert np.isfinite(masked_lon[0]) and np.isnan(masked_lon[1]) and np.isnan(masked_lat[1])
+
+
 # -- shapes, bounds, caching ----------------------------------------------------------------------------
 
 

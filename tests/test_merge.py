@@ -109,7 +109,7 @@ metrics = st.sampled_from(["iou", "ios"])
 # ---------------------------------------------------------------------------------------------- pairs
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(box_sets(max_size=40), st.booleans())
 def test_overlapping_pairs_match_brute_force(case, grouped):
     boxes, _, groups = case
@@ -159,7 +159,7 @@ def test_pair_overlap_values():
 # ---------------------------------------------------------------------------------------------- nms
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(box_sets(), thresholds, metrics, st.booleans())
 def test_nms_matches_textbook(case, threshold, metric, grouped):
     boxes, scores, groups = case
@@ -169,7 +169,7 @@ def test_nms_matches_textbook(case, threshold, metric, grouped):
     assert kept.tolist() == reference_nms(boxes, scores, threshold, metric, groups)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(box_sets(), thresholds, metrics, st.booleans(), st.sampled_from([0.1, 0.5, 3.0]),
        st.sampled_from([0.0, 0.001, 0.3]))
 def test_soft_nms_matches_textbook(case, threshold, metric, grouped, sigma, skip):

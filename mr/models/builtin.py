@@ -86,25 +86,19 @@ class BuiltinDetector:
         intensity, valid = tile_intensity(tile, self.nodata)
         if valid is not None and not valid.any():
             return Detections.empty(CLASS_NAMES)
-        residual = intensity
-        residual -= local_background(intensity, valid, self.background_window)
-        if valid is not None:
-            residual[~valid] = 0.0
-        sigma = robust_sigma(residual, valid, _noise_floor(tile))
-        tables = [self._components(residual, sigma, polarity) for polarity in (1, -1)]
+        z = significance(intensity, valid, self.background_window, _noise_floor(tile))
+        tables = [self._components(z, polarity) for polarity in (1, -1)]
         return Detections.concat(tables) if any(len(t) for t in tables) else Detections.empty(CLASS_NAMES)
 
-    def _components(self, residual: np.ndarray, sigma: float, polarity: int) -> Detections:
-        """Threshold one polarity, label components, filter them and build their table."""
-        grow = np.float32(self.grow_sigma * sigma)
-        mask = residual > grow if polarity > 0 else residual < -grow
-        stats = component_stats(residual, mask, polarity)
+    def _components(self, z: np.ndarray, polarity: int) -> Detections:
+        """Threshold one polarity of the significance map, label components, filter them and build their table."""
+        grow = np.float32(self.grow_sigma)
+        stats = component_stats(z, z > grow if polarity > 0 else z < -grow, polarity)
         if stats is None:
             return Detections.empty(CLASS_NAMES)
         area, mean, peak, boxes = stats
-        keep = self._accept(area, peak / sigma, boxes)
-        cnr = mean[keep] / sigma
-        scores = cnr / (cnr + self.threshold_sigma)
+        keep = self._accept(area, peak, boxes)
+        scores = mean[keep] / (mean[keep] + self.threshold_sigma)
         class_ids = np.full(int(keep.sum()), 0 if polarity > 0 else 1, np.int32)
         return Detections(boxes[keep], scores, class_ids, CLASS_NAMES)
 
@@ -192,24 +186,35 @@ def _noise_floor(tile: np.ndarray) -> float:
     return 0.3 / math.sqrt(tile.shape[0]) if tile.dtype.kind in "ui" else 1e-12
 
 
-def local_background(intensity: np.ndarray, valid: np.ndarray | None, window: int) -> np.ndarray:
-    """float32 (h, w) robust local background: windowed medians on a node grid, bilinearly interpolated."""
-    levels = node_medians(intensity, valid, window)
-    return upsample_nodes(levels, window // 2, intensity.shape)
+def significance(intensity: np.ndarray, valid: np.ndarray | None, window: int, floor: float) -> np.ndarray:
+    """float32 (h, w) ``(intensity − background) / sigma``, both local, 0 at invalid pixels; reuses ``intensity``.
 
-
-def node_medians(intensity: np.ndarray, valid: np.ndarray | None, window: int) -> np.ndarray:
-    """float32 (ceil(h/s)+1, ceil(w/s)+1) medians of the window centred on each node (i·s, j·s), s = window/2.
-
-    The median runs on 4×4 block means; blocks with no valid pixel are NaN and left out; nodes that see no valid
-    block take the value of the nearest node that does. Border nodes reuse their inner neighbour's window (reflected
-    cells), so every window is full size and a large object near the border cannot dominate it.
+    Background and sigma are medians over the same windows, so a pixel's significance depends on its neighbourhood
+    only, not on the rest of the tile: a tiled run and an untiled one agree away from the tile borders.
     """
-    spacing = window // 2
-    blocks = _block_means(intensity, valid, spacing)
+    spacing, shape = window // 2, intensity.shape
     cell = spacing // _FACTOR
-    ny, nx = blocks.shape[0] // cell, blocks.shape[1] // cell
-    cells = blocks.reshape(ny, cell, nx, cell).transpose(0, 2, 1, 3).reshape(ny, nx, cell * cell)
+    background = node_medians(_block_means(intensity, valid, spacing), cell)
+    residual = intensity
+    residual -= upsample_nodes(background, spacing, shape)
+    sigma = node_medians(_abs_samples(residual, valid, spacing), cell)
+    sigma = np.maximum(sigma * np.float32(_MAD_TO_SIGMA), np.float32(floor))
+    residual /= upsample_nodes(sigma, spacing, shape)
+    if valid is not None:
+        residual[~valid] = 0.0
+    return residual
+
+
+def node_medians(grid: np.ndarray, cell: int) -> np.ndarray:
+    """float32 (ny+1, nx+1) medians over 2×2 cells of ``cell``² grid values around each cell corner, ignoring NaN.
+
+    With grid values every 4 pixels and cells of ``spacing`` pixels, node (i, j) sits at pixel (i·spacing,
+    j·spacing) and sees a window of twice the spacing. Border nodes reuse their inner neighbour's window (reflected
+    cells), so every window is full size and a large object near the border cannot dominate it; nodes that see no
+    valid value take the value of the nearest node that does.
+    """
+    ny, nx = grid.shape[0] // cell, grid.shape[1] // cell
+    cells = grid.reshape(ny, cell, nx, cell).transpose(0, 2, 1, 3).reshape(ny, nx, cell * cell)
     pad_y, pad_x = ("reflect" if n > 1 else "edge" for n in (ny, nx))
     cells = np.pad(cells, ((1, 1), (0, 0), (0, 0)), mode=pad_y)
     cells = np.pad(cells, ((0, 0), (1, 1), (0, 0)), mode=pad_x)
@@ -218,22 +223,34 @@ def node_medians(intensity: np.ndarray, valid: np.ndarray | None, window: int) -
     count = (~np.isnan(ordered)).sum(axis=-1, keepdims=True)
     low = np.take_along_axis(ordered, np.maximum(count - 1, 0) // 2, axis=-1)
     high = np.take_along_axis(ordered, count // 2 - (count == 0), axis=-1)
-    medians = ((low + high) * np.float32(0.5))[..., 0]
-    return _fill_missing(medians)
+    return _fill_missing(((low + high) * np.float32(0.5))[..., 0])
+
+
+def _abs_samples(residual: np.ndarray, valid: np.ndarray | None, spacing: int) -> np.ndarray:
+    """|residual| at one pixel of every 4×4 block of the tile edge-padded to a multiple of ``spacing``, NaN where
+    invalid: every 16th pixel is plenty for a median and keeps the noise estimate cheap."""
+    pick = (slice(_FACTOR // 2, None, _FACTOR),) * 2
+    sample = np.abs(_pad_to(residual, spacing)[pick])
+    if valid is not None:
+        sample[~_pad_to(valid, spacing)[pick]] = np.nan
+    return sample
 
 
 def _block_means(intensity: np.ndarray, valid: np.ndarray | None, spacing: int) -> np.ndarray:
-    """Means of 4×4 pixel blocks over a copy edge-padded to a multiple of ``spacing``; NaN where no pixel is valid."""
-    h, w = intensity.shape
-    pad = ((0, -h % spacing), (0, -w % spacing))
+    """Means of 4×4 pixel blocks of the tile edge-padded to a multiple of ``spacing``; NaN where none is valid."""
     if valid is None:
-        padded = np.pad(intensity, pad, mode="edge") if any(p[1] for p in pad) else intensity
-        return _block_sum(padded) * np.float32(1.0 / _FACTOR**2)
-    weights = np.pad(valid.astype(np.float32), pad, mode="edge")
-    sums = _block_sum(np.pad(intensity, pad, mode="edge") * weights)
+        return _block_sum(_pad_to(intensity, spacing)) * np.float32(1.0 / _FACTOR**2)
+    weights = _pad_to(valid, spacing).astype(np.float32)
+    sums = _block_sum(_pad_to(intensity, spacing) * weights)
     counts = _block_sum(weights)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counts > 0, sums / counts, np.float32(np.nan)).astype(np.float32)
+
+
+def _pad_to(a: np.ndarray, multiple: int) -> np.ndarray:
+    """``a`` edge-padded at the bottom and right to a multiple of ``multiple`` (``a`` itself when it is one)."""
+    pad = ((0, -a.shape[0] % multiple), (0, -a.shape[1] % multiple))
+    return np.pad(a, pad, mode="edge") if pad[0][1] or pad[1][1] else a
 
 
 def _block_sum(a: np.ndarray) -> np.ndarray:
@@ -288,21 +305,10 @@ def _ramp(spacing: int) -> np.ndarray:
     return ((np.arange(spacing) + 0.5) / spacing).astype(np.float32)
 
 
-def robust_sigma(residual: np.ndarray, valid: np.ndarray | None, floor: float) -> float:
-    """1.4826 × MAD of the residual on every 4th row and column (valid pixels only), at least ``floor``."""
-    sample = residual[::_FACTOR, ::_FACTOR]
-    sample = sample[valid[::_FACTOR, ::_FACTOR]] if valid is not None else sample.ravel()
-    if sample.size < 16:
-        sample = residual[valid] if valid is not None else residual.ravel()
-    centre = np.median(sample)
-    mad = float(np.median(np.abs(sample - centre)))
-    return max(_MAD_TO_SIGMA * mad, floor)
-
-
 def component_stats(
-    residual: np.ndarray, mask: np.ndarray, polarity: int
+    values: np.ndarray, mask: np.ndarray, polarity: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
-    """Area, mean and peak of ``polarity × residual``, and the (x0, y0, x1, y1) box of each 8-connected component.
+    """Area, mean and peak of ``polarity × values``, and the (x0, y0, x1, y1) box of each 8-connected component.
 
     Works on the flat indices of the masked pixels only (a few percent of the tile), so its cost is one labelling
     pass plus work proportional to the candidate pixels. None when the mask is empty.
@@ -312,12 +318,12 @@ def component_stats(
         return None
     flat = np.flatnonzero(mask)
     label = labels.ravel()[flat] - 1
-    value = residual.ravel()[flat] * np.float32(polarity)
+    value = values.ravel()[flat] * np.float32(polarity)
     area = np.bincount(label, minlength=n)
     mean = np.bincount(label, weights=value, minlength=n) / area
     peak = np.full(n, -np.inf, np.float32)
     np.maximum.at(peak, label, value)
-    y, x = np.divmod(flat, residual.shape[1])
+    y, x = np.divmod(flat, values.shape[1])
     boxes = np.empty((n, 4), np.float64)
     boxes[:, :2] = np.iinfo(np.int64).max
     boxes[:, 2:] = -1
