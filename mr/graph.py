@@ -60,24 +60,18 @@ def _region_block(
 
 
 def region_results(
-    data: da.Array,
+    blocks: da.Array,
     grid: TileGrid,
     model: Model,
     settings: RegionSettings,
     tile_mask: np.ndarray | None = None,
     roi: object | None = None,
 ) -> da.Array:
-    """One task per region: an object array (regions y, regions x) of `RegionResult`."""
-    expected = ((data.shape[0],), grid.y.region_chunks, grid.x.region_chunks)
-    if data.chunks != expected:
-        raise ValueError(f"image chunks {data.chunks} are not the region chunks {expected}")
-    token = tokenize(data.name, grid, model, settings, tile_mask, roi)
-    return da.map_overlap(
+    """One task per region over the overlapped blocks: an object array (regions y, regions x) of `RegionResult`."""
+    token = tokenize(blocks.name, grid, model, settings, tile_mask, roi)
+    return da.map_blocks(
         _region_block,
-        data,
-        depth=overlap_depth(grid),
-        boundary="none",
-        trim=False,
+        blocks,
         drop_axis=0,
         chunks=((1,) * grid.y.region_count, (1,) * grid.x.region_count),
         dtype=object,
@@ -176,26 +170,46 @@ def build_detection_graph(
     return DetectionGraph(graph, tuple(parts), f"detect-{token}")
 
 
-def aligned_array(image, grid: TileGrid) -> da.Array:
-    """The image's dask array cropped to the tiled window and chunked by regions.
+def region_blocks(image, grid: TileGrid) -> da.Array:
+    """Each region's pixels with the overlap its last tiles reach into: the blocks the region tasks run on.
 
-    An image opened by `mr.open_image` is re-opened with region-aligned chunks (a metadata read), so every
-    region reads straight from the file; any other array is re-chunked by dask.
+    An untouched `mr.open_image` result is read window by window straight from the file, one read per region
+    (no neighbouring chunk is held in memory or sent between workers for its overlap). Any other array goes
+    through dask's own ``overlap`` (what ``map_overlap`` does) after being cropped and chunked by regions.
     """
-    from mr.imagery import reopen
+    from mr.imagery import image_reader
 
-    x0, y0 = grid.x_offset, grid.y_offset
-    x1, y1 = x0 + grid.x.covered, y0 + grid.y.covered
-    height, width = image.shape[-2:]
-    ychunks = _with_margins(grid.y.region_chunks, y0, height - y1)
-    xchunks = _with_margins(grid.x.region_chunks, x0, width - x1)
-    reopened = reopen(image, {"band": -1, "y": ychunks, "x": xchunks})
-    source = reopened if reopened is not None else image
-    data = source.data if isinstance(source.data, da.Array) else da.from_array(source.data, chunks=-1)
-    data = data[:, y0:y1, x0:x1]
-    target = ((data.shape[0],), grid.y.region_chunks, grid.x.region_chunks)
-    return data if data.chunks == target else data.rechunk(target)
+    reader = image_reader(image)
+    if reader is not None:
+        return _windowed_reads(reader, grid)
+    data = image.data if isinstance(image.data, da.Array) else da.from_array(image.data, chunks=-1)
+    y0, x0 = grid.y_offset, grid.x_offset
+    data = data[:, y0 : y0 + grid.y.covered, x0 : x0 + grid.x.covered]
+    data = data.rechunk(((data.shape[0],), grid.y.region_chunks, grid.x.region_chunks))
+    return da.overlap.overlap(data, depth=overlap_depth(grid), boundary="none")
 
 
-def _with_margins(chunks: tuple[int, ...], before: int, after: int) -> tuple[int, ...]:
-    return ((before,) if before else ()) + chunks + ((after,) if after else ())
+def block_spans(axis, offset: int) -> list[tuple[int, int]]:
+    """(start, stop) in full-image pixels of every region block along one axis, overlap included."""
+    bounds = np.concatenate([[0], np.cumsum(axis.region_chunks)])
+    return [
+        (int(offset + bounds[i]), int(offset + min(bounds[i + 1] + axis.overlap, axis.covered)))
+        for i in range(axis.region_count)
+    ]
+
+
+def _read_window(reader, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    return reader[:, y0:y1, x0:x1]
+
+
+def _windowed_reads(reader, grid: TileGrid) -> da.Array:
+    ys, xs = block_spans(grid.y, grid.y_offset), block_spans(grid.x, grid.x_offset)
+    name = f"read-region-{tokenize(reader, ys, xs)}"
+    layer = {
+        (name, 0, i, j): (_read_window, reader, y0, y1, x0, x1)
+        for i, (y0, y1) in enumerate(ys)
+        for j, (x0, x1) in enumerate(xs)
+    }
+    chunks = ((reader.shape[0],), tuple(b - a for a, b in ys), tuple(b - a for a, b in xs))
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=())
+    return da.Array(graph, name, chunks, meta=np.empty((0, 0, 0), dtype=reader.dtype))

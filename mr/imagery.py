@@ -78,7 +78,7 @@ class _CapturedCredentials(Session):
 class GdalEnv:
     """GDAL configuration a read needs, captured on the client and re-entered inside every task."""
 
-    options: tuple[tuple[str, str], ...] = ()
+    options: tuple[tuple[str, str | int], ...] = ()
     """Plain GDAL config options (endpoint, retries, ...)."""
     secrets: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     """AWS credential options; kept out of ``repr`` and of task names."""
@@ -138,16 +138,25 @@ def resolve_source(url: str | os.PathLike[str], endpoint_url: str | None = None)
     """
     text, path, kind = _parse_url(url)
     if kind == "local":
-        return ImageSource(text, path, GdalEnv())
+        return ImageSource(text, path, GdalEnv(options=_cache_option()))
     if kind == "http":
-        return ImageSource(text, path, GdalEnv(options=tuple(sorted(_REMOTE_OPTIONS.items()))))
+        return ImageSource(text, path, GdalEnv(options=tuple(sorted({**_REMOTE_OPTIONS, **dict(_cache_option())}.items()))))
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
     return ImageSource(text, path, _s3_env(endpoint), endpoint)
 
 
+def _cache_option() -> tuple[tuple[str, str], ...]:
+    """GDAL's block cache, capped (``mr.imagery.gdal-cache-mb``): by default GDAL takes 5% of RAM per process,
+    which grows with the image read; each region is read once, so a small cache that holds the blocks shared by
+    neighbouring windows is all that helps."""
+    from mr import config
+
+    return (("GDAL_CACHEMAX", int(config.get("imagery.gdal-cache-mb"))),)  # rasterio wants an int here
+
+
 def _s3_env(endpoint_url: str | None) -> GdalEnv:
     """GDAL options for /vsis3/: credentials from boto3's default session, and a custom endpoint if any."""
-    options = dict(_REMOTE_OPTIONS)
+    options = {**_REMOTE_OPTIONS, **dict(_cache_option())}
     if endpoint_url:
         parts = urlsplit(endpoint_url if "://" in endpoint_url else f"https://{endpoint_url}")
         options.update(
@@ -341,8 +350,21 @@ def open_image(
         nodata=info.nodata,
         dtype=info.dtype,
         source_metadata=info.source_metadata,
+        reader=reader,
     )
     return result
+
+
+def image_reader(image: xr.DataArray) -> RasterReader | None:
+    """The window reader behind an untouched :func:`open_image` result, or None for any other array.
+
+    Lets the graph read each region's window (with its overlap) straight from the file in one task.
+    """
+    reader = image.attrs.get("reader")
+    data = image.data
+    if not isinstance(reader, RasterReader) or not isinstance(data, da.Array) or not data.name.startswith(_NAME_PREFIX):
+        return None
+    return reader if tuple(data.shape) == reader.shape else None
 
 
 def reopen(image: xr.DataArray, chunks: int | Mapping[str, Any] | None) -> xr.DataArray | None:

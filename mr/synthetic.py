@@ -30,6 +30,8 @@ _POOL = 1 << 20
 """Normal variates in each noise pool."""
 _TEXTURE_STEP = 2
 """Pixels between texture nodes: the texture's correlation length."""
+_COARSE = 32
+"""Pixels between the lattice points that the terrain octaves are evaluated on."""
 _OCTAVES = ((2048, 1.0), (512, 0.5), (128, 0.25))
 """(node spacing in pixels, weight) of the terrain's value-noise octaves."""
 _LERP_GAIN = math.sqrt(np.mean([(1 - t) ** 2 + t**2 for t in (np.arange(_TEXTURE_STEP) + 0.5) / _TEXTURE_STEP]))
@@ -354,15 +356,16 @@ def _resolve(width: int, height: int, *, bands: int, dtype: object, n_objects: i
     else:
         shapes = tuple(_explicit_shape(o, bands) for o in objects)
     flat = background == "flat"
-    terrain = tuple(rng.uniform(-1, 1, (height // s + 3, width // s + 3)).astype(np.float32) for s, _ in _OCTAVES)
+    terrain = tuple(rng.uniform(-1, 1, (height // s + 4, width // s + 4)).astype(np.float32) for s, _ in _OCTAVES)
     nx_texture = width // _TEXTURE_STEP + 2
+    texture = look.texture / _LERP_GAIN**2
     return _Spec(
         width, height, bands, dtype, look,
         gains=np.linspace(1.0, 0.85, bands, dtype=np.float32),
         terrain=() if flat else terrain,
-        texture_pool=rng.standard_normal(_POOL + nx_texture, dtype=np.float32),
+        texture_pool=rng.standard_normal(_POOL + nx_texture, dtype=np.float32) * np.float32(texture),
         texture_offsets=rng.integers(0, _POOL, height // _TEXTURE_STEP + 2),
-        noise_pool=rng.standard_normal(_POOL + width, dtype=np.float32),
+        noise_pool=rng.standard_normal(_POOL + width, dtype=np.float32) * np.float32(look.noise),
         noise_offsets=rng.integers(0, _POOL, (bands, height)),
         shapes=tuple(sorted(shapes, key=lambda s: s.cy)),
         shape_rows=np.sort(np.array([s.cy for s in shapes], np.float64)),
@@ -490,40 +493,53 @@ def _strips(spec: _Spec, step: int) -> Iterator[tuple[int, np.ndarray]]:
 def _render(spec: _Spec, y0: int, y1: int) -> np.ndarray:
     """Rows y0..y1 of the scene: background, objects, sensor noise, collar, then quantised to the dtype."""
     look = spec.look
-    base = _base(spec, y0, y1)
+    rows = _background_rows(spec, y0, y1)
     patches = _patches(spec, y0, y1)
+    rounding = 0.5 if spec.dtype.kind == "u" else 0.0
     out = np.empty((spec.bands, y1 - y0, spec.width), spec.dtype)
-    for band in range(spec.bands):
-        value = base * spec.gains[band] if spec.bands > 1 else base
-        value += np.float32(look.level * spec.gains[band])
-        for shape, (rows, cols), coverage in patches:
-            value[rows, cols] += coverage * np.float32(shape.contrast * shape.colour[band])
+    for band, gain in enumerate(spec.gains):
+        nodes = rows * gain
+        nodes += np.float32(look.level * gain + rounding)  # constants added before interpolation cost 1/step
+        value = _upsample_columns(nodes, _TEXTURE_STEP)[:, : spec.width]
+        for shape, (r, c), coverage in patches:
+            value[r, c] += coverage * np.float32(shape.contrast * shape.colour[band])
         for row, offset in enumerate(spec.noise_offsets[band, y0:y1]):
-            value[row] += spec.noise_pool[offset : offset + spec.width] * np.float32(look.noise)
-        if spec.dtype.kind == "u":
-            value += np.float32(0.5)
+            value[row] += spec.noise_pool[offset : offset + spec.width]
         np.clip(value, look.low, look.high, out=value)
         out[band] = value
     _apply_collar(out, spec, y0)
     return out
 
 
-def _base(spec: _Spec, y0: int, y1: int) -> np.ndarray:
-    """float32 terrain + texture of rows y0..y1, interpolated from nodes every 4 pixels."""
+def _background_rows(spec: _Spec, y0: int, y1: int) -> np.ndarray:
+    """float32 terrain + texture of rows y0..y1 at the texture-node columns (every ``_TEXTURE_STEP`` pixels).
+
+    With nodes every 2 pixels, pixel centres sit a quarter of the way between nodes, so the texture's variance is the
+    same at every pixel (with 4 it would vary with the phase, a trap for estimators that subsample the image).
+    """
     step = _TEXTURE_STEP
     n0, n1 = y0 // step, -(-y1 // step) + 1
     nx = spec.width // step + 2
-    nodes = np.zeros((n1 - n0, nx), np.float32)
     if spec.terrain:
-        ys, xs = np.arange(n0, n1) * step, np.arange(nx) * step
-        for (spacing, weight), grid in zip(_OCTAVES, spec.terrain):
-            nodes += _value_noise(grid, ys / spacing, xs / spacing) * np.float32(weight)
-        nodes *= np.float32(spec.look.terrain / sum(w for _, w in _OCTAVES))
-        texture = spec.look.texture / _LERP_GAIN**2
+        nodes = _terrain(spec, np.arange(n0, n1) * step, np.arange(nx) * step)
         for i, offset in enumerate(spec.texture_offsets[n0:n1]):
-            nodes[i] += spec.texture_pool[offset : offset + nx] * np.float32(texture)
-    rows = _lerp(nodes, (np.arange(y0, y1) + 0.5) / step - n0, axis=0)
-    return _upsample_columns(rows, step)[:, : spec.width]
+            nodes[i] += spec.texture_pool[offset : offset + nx]
+    else:
+        nodes = np.zeros((n1 - n0, nx), np.float32)
+    return _lerp(nodes, (np.arange(y0, y1) + 0.5) / step - n0, axis=0)
+
+
+def _terrain(spec: _Spec, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """float32 terrain at pixel rows ``ys`` × columns ``xs``: octaves summed on a coarse lattice, then interpolated."""
+    first, last = int(ys[0]) // _COARSE, int(ys[-1]) // _COARSE + 1
+    coarse_y = np.arange(first, last + 1) * _COARSE
+    coarse_x = np.arange(int(xs[-1]) // _COARSE + 2) * _COARSE
+    coarse = np.zeros((len(coarse_y), len(coarse_x)), np.float32)
+    for (spacing, weight), grid in zip(_OCTAVES, spec.terrain):
+        coarse += _value_noise(grid, coarse_y / spacing, coarse_x / spacing) * np.float32(weight)
+    coarse *= np.float32(spec.look.terrain / sum(w for _, w in _OCTAVES))
+    rows = _lerp(coarse, ys / _COARSE - first, axis=0)
+    return _lerp(rows, xs / _COARSE, axis=1)
 
 
 def _upsample_columns(rows: np.ndarray, step: int) -> np.ndarray:

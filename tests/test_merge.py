@@ -128,7 +128,7 @@ def test_overlapping_pairs_with_sizes_spanning_many_levels(offset, far):
     sizes = 2.0 ** rng.uniform(-3, 12, (300, 2))
     boxes = np.c_[corners, corners + sizes]
     groups = rng.integers(0, 2, 300)
-    for g in (None, groups, groups * 10**15 - 7):  # ids far apart are recoded
+    for g in (None, groups, groups * 10**15 - 7, (groups - 1) * 2**62):  # ids far apart are recoded
         i, j = overlapping_pairs(boxes, g)
         assert set(zip(i.tolist(), j.tolist())) == reference_pairs(boxes, g)
 
