@@ -93,6 +93,35 @@ def test_odd_tile_sizes_and_tiles_smaller_than_the_window() -> None:
     assert found.boxes.tolist() == [[8.0, 5.0, 16.0, 12.0]]
 
 
+def test_a_crop_finds_what_the_whole_image_finds_in_its_interior() -> None:
+    image, _ = scene(seed=14, n_objects=150)
+    whole = detect(image)
+    x0, y0, size = 300, 200, 512
+    crop = detect(image[:, y0 : y0 + size, x0 : x0 + size].copy()).shifted(x0, y0)
+    margin = 64
+    inner = (x0 + margin, y0 + margin, x0 + size - margin, y0 + size - margin)
+    inside = whole.take(np.array([_within(b, inner) for b in whole.boxes], bool))
+    crop_inside = crop.take(np.array([_within(b, inner) for b in crop.boxes], bool))
+    assert len(inside) >= 10
+    match = match_detections(crop_inside, inside, min_iou=0.9)
+    assert match.recall == 1.0 and match.precision == 1.0
+
+
+def test_quiet_areas_keep_their_own_noise_level() -> None:
+    rng = np.random.default_rng(15)
+    tile = rng.normal(1000, 4, (1, 512, 512))
+    tile[:, :, 256:] += rng.normal(0, 40, (1, 512, 256))  # a busy right half
+    for y in range(40, 480, 60):
+        tile[:, y : y + 10, 100:110] += 40  # 10 sigma in the quiet half, 1 sigma in the busy one
+    found = detect(tile.astype(np.uint16))
+    assert len(found) == 8
+    assert (found.boxes[:, 2] <= 256).all()
+
+
+def _within(box: np.ndarray, area: tuple[float, float, float, float]) -> bool:
+    return box[0] >= area[0] and box[1] >= area[1] and box[2] <= area[2] and box[3] <= area[3]
+
+
 def test_constant_tile_gives_nothing() -> None:
     assert len(detect(np.full((1, 256, 256), 77, np.uint16))) == 0
 

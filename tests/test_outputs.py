@@ -112,3 +112,13 @@ def test_cli_bad_image_is_one_clear_line(tmp_path, content):
 def test_cli_bad_option_names_it(scene, tmp_path):
     done = _cli("run", str(scene[0]), "--out", str(tmp_path / "x.geojson"), "--overlap", "5000", "--workers", "1")
     assert done.returncode == 2 and "overlap" in done.stderr
+
+
+def test_cli_runs_on_a_given_scheduler(scene, tmp_path, client):
+    out = tmp_path / "remote.parquet"
+    done = _cli("run", str(scene[0]), "--out", str(out), "--tile-size", "400", "--overlap", "40",
+                "--region-size", "800", "--scheduler", client.scheduler.address, "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert len(gpd.read_parquet(out)) >= 38
+    assert any("infer-region" in str(key) for key in client.run_on_scheduler(
+        lambda dask_scheduler: list(dask_scheduler.task_prefixes)))

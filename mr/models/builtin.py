@@ -9,9 +9,10 @@ its surroundings — by classic background subtraction, in pure numpy/scipy on f
    half a window apart, computed on a 4×4-averaged copy of the tile and interpolated bilinearly back to full
    resolution. The median ignores any object smaller than about half the window, and working on 1/16 of the pixels
    keeps it cheap.
-3. **Noise**: ``sigma = 1.4826 × MAD`` of the residual (intensity − background) over windows of twice that size,
-   on one pixel in 16, interpolated the same way. Background and noise are both local, so the result does not depend
-   on where the tile starts (tiled and untiled runs agree) and busy areas do not blind quiet ones.
+3. **Noise**: ``sigma = 1.4826 × MAD`` of the residual (intensity − background) over windows twice as wide (the
+   median of the medians of |residual| in 16 half-window cells, on one pixel in 16), interpolated the same way.
+   Background and noise are both local — a constant-false-alarm-rate detector: a tile's result barely depends on
+   where it starts (tiled and untiled runs agree), and busy areas (forest) do not blind quiet ones (water, tarmac).
 4. **Hysteresis thresholds**, per polarity: a bright (dark) candidate is a 4-connected component of pixels whose
    residual exceeds ``+grow_sigma·sigma`` (lies below ``−grow_sigma·sigma``) and holds at least one pixel beyond
    ``threshold_sigma·sigma``. The lower growing threshold gives boxes that fit the object rather than its core.
@@ -252,7 +253,7 @@ def _abs_samples(residual: np.ndarray, valid: np.ndarray | None, spacing: int) -
 def _cycling_index(n: int, stride: int) -> np.ndarray:
     """One index per 4-pixel block, at offset ``(stride · block + stride // 2) mod 4`` within it."""
     block = np.arange(n // _FACTOR)
-    return block * _FACTOR + (block * stride + stride // 2) % _FACTOR
+    return _frozen(block * _FACTOR + (block * stride + stride // 2) % _FACTOR)
 
 
 def _block_means(intensity: np.ndarray, valid: np.ndarray | None, spacing: int) -> np.ndarray:
@@ -315,13 +316,19 @@ def _lerp_index(spacing: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Lower node and weight of each pixel centre (k + 0.5) between nodes at multiples of ``spacing``."""
     position = (np.arange(n) + 0.5) / spacing
     index = np.floor(position).astype(np.intp)
-    return index, (position - index).astype(np.float32)
+    return _frozen(index), _frozen((position - index).astype(np.float32))
 
 
 @lru_cache(maxsize=64)
 def _ramp(spacing: int) -> np.ndarray:
     """Weights of the pixel centres within one node interval."""
-    return ((np.arange(spacing) + 0.5) / spacing).astype(np.float32)
+    return _frozen(((np.arange(spacing) + 0.5) / spacing).astype(np.float32))
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    """``a`` made read-only: cached arrays are shared by every call."""
+    a.flags.writeable = False
+    return a
 
 
 def seeded_components(

@@ -19,6 +19,7 @@ so lambdas and notebook closures travel to workers.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -47,6 +48,8 @@ class CallableModel:
             raise InvalidInputError("batched", batched, "must be True or False")
         if name is not None and (not isinstance(name, str) or not name):
             raise InvalidInputError("name", name, "must be a non-empty string or None")
+        if isinstance(class_names, str):
+            raise InvalidInputError("class_names", class_names, "must be a sequence of names, e.g. ('car', 'ship')")
         self.fn = fn
         self.batched = batched
         self.name = name or _function_name(fn)
@@ -85,10 +88,9 @@ class CallableModel:
     def _normalise(self, result: Any, index: int) -> Detections:
         """A Detections from any accepted return form, or ModelError."""
         try:
-            table = to_detections(result, self.class_names)
+            return to_detections(result, self.class_names)
         except _Malformed as e:
             raise ModelError(f"model {self.name!r}, tile {index}: {e}") from None
-        return table
 
 
 def _rebuild(fn_bytes: bytes, batched: bool, name: str, class_names: tuple[str, ...]) -> CallableModel:
@@ -100,7 +102,7 @@ def _rebuild(fn_bytes: bytes, batched: bool, name: str, class_names: tuple[str, 
 
 def _function_name(fn: Callable) -> str:
     """``__qualname__``, looking through functools.partial; the type name for other callables."""
-    inner = getattr(fn, "func", fn)
+    inner = fn.func if isinstance(fn, functools.partial) else fn
     return getattr(inner, "__qualname__", None) or type(fn).__name__
 
 
