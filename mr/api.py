@@ -181,7 +181,7 @@ def detect(
         )
     tiling = resolve_tiling(tile_size, overlap, region_size, strategy)
     settings = resolve_region_settings(nms, batch_size)
-    resolved_model = resolve_model(model)
+    resolved_model = resolve_model(model, nodata=image.attrs.get("nodata"))
     region = resolve_roi(roi, georef, width, height)
     grid = tile_grid(
         width, height, tiling.tile_size, tiling.overlap, tiling.region_size, tiling.strategy,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 from mr import config
@@ -15,8 +16,12 @@ def registered_models() -> dict[str, str]:
     return {"builtin": "mr.models.builtin:BuiltinDetector", **dict(config.get("model.registry") or {})}
 
 
-def resolve_model(model: Any = None, **options: Any) -> Model:
-    """The model to run. Strings are looked up among registered models only, never imported from input."""
+def resolve_model(model: Any = None, *, nodata: float | None = None, **options: Any) -> Model:
+    """The model to run. Strings are looked up among registered models only, never imported from input.
+
+    ``nodata`` (the image's) is handed to a registered model whose factory takes it, so fill never becomes a
+    detection.
+    """
     if model is None:
         model = config.get("model.name")
     if isinstance(model, str):
@@ -25,6 +30,8 @@ def resolve_model(model: Any = None, **options: Any) -> Model:
             raise InvalidInputError("model", model, f"not a registered model; registered: {sorted(known)}")
         module_name, _, attr = known[model].partition(":")
         factory = getattr(importlib.import_module(module_name), attr)
+        if nodata is not None and "nodata" in inspect.signature(factory).parameters:
+            options.setdefault("nodata", nodata)
         return factory(**options)
     if isinstance(model, Model) and not options:
         return model
