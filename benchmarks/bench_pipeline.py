@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import rasterio
-from rasterio.windows import Window
 
 import mr
 from benchmarks.common import NullModel, PeakMemory, row, scene_file

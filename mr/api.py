@@ -7,7 +7,6 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import xarray as xr
 from dask.base import tokenize
 from dask.threaded import get as threaded_get

@@ -11,20 +11,17 @@ picklable :class:`GdalEnv` that travels with every task and is re-entered around
 not be shared between threads), so reads run in parallel across threads and processes without a lock,
 like rioxarray's ``lock=False`` mode.
 
-Every rasterio call of mr, except the geolocation transformers in :mod:`mr.geo`, lives in this module.
+Every rasterio call of mr, except the geolocation transformers in :mod:`mr.geo`, lives here, in :mod:`mr.sources`
+and in :mod:`mr.reader`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import os
-import threading
 import warnings
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
-from urllib.parse import unquote, urlsplit
 
 import dask.array as da
 import numpy as np
@@ -34,8 +31,6 @@ import rioxarray
 import xarray as xr
 from dask.array.core import normalize_chunks
 from dask.base import tokenize
-from rasterio.session import AWSSession, Session
-from rasterio.windows import Window
 
 from mr.errors import ImageOpenError, InvalidInputError
 from mr.geo import Georeference, georeference_from_dataset
@@ -46,261 +41,10 @@ except ImportError:  # pragma: no cover
     CPLE_BaseError = rasterio.errors.RasterioError  # type: ignore[assignment,misc]
 
 DIMS = ("band", "y", "x")
-_SECRET_OPTIONS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"})
-_REMOTE_OPTIONS = {
-    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",  # never list the bucket prefix looking for side-car files
-    "GDAL_HTTP_MAX_RETRY": "3",
-    "GDAL_HTTP_RETRY_DELAY": "1",
-}
-_HANDLES_PER_THREAD = 16
+from mr.reader import RasterReader, _one_line
+from mr.sources import GdalEnv, ImageSource, image_id_for, resolve_source  # noqa: F401  (re-exported)
+
 _NAME_PREFIX = "open_image-"
-_SUPPORTED_URLS = "a local path, file://path, s3://bucket/key or http(s)://"
-
-
-class _CapturedCredentials(Session):
-    """A rasterio session holding credential options captured on the client: no boto3 call inside tasks.
-
-    rasterio refuses AWS keys as plain ``Env`` options, so they enter GDAL through a session.
-    """
-
-    def __init__(self, options: Mapping[str, str]) -> None:
-        self.credentials = dict(options)
-
-    @classmethod
-    def hascreds(cls, config: Mapping[str, str]) -> bool:
-        return True
-
-    def get_credential_options(self) -> dict[str, str]:
-        return dict(self.credentials)
-
-
-@dataclass(frozen=True)
-class GdalEnv:
-    """GDAL configuration a read needs, captured on the client and re-entered inside every task."""
-
-    options: tuple[tuple[str, str | int], ...] = ()
-    """Plain GDAL config options (endpoint, retries, ...)."""
-    secrets: tuple[tuple[str, str], ...] = field(default=(), repr=False)
-    """AWS credential options; kept out of ``repr`` and of task names."""
-
-    def activate(self) -> rasterio.Env:
-        """A ``rasterio.Env`` that sets these options (thread-locally in non-main threads)."""
-        return rasterio.Env(session=_CapturedCredentials(dict(self.secrets)), **dict(self.options))
-
-    def __dask_tokenize__(self) -> object:
-        return ("GdalEnv", self.options)
-
-
-@dataclass(frozen=True)
-class ImageSource:
-    """Where an image lives, as given and as GDAL names it, with the GDAL environment to reach it."""
-
-    url: str
-    """The URL or path as the caller gave it."""
-    path: str
-    """What GDAL opens: an absolute local path, ``/vsis3/bucket/key`` or ``/vsicurl/https://...``."""
-    env: GdalEnv
-    endpoint_url: str | None = None
-    """The resolved S3 endpoint (argument or AWS_ENDPOINT_URL[_S3]); None for AWS itself."""
-
-    @property
-    def is_local(self) -> bool:
-        return not self.path.startswith("/vsi")
-
-
-def _parse_url(url: str | os.PathLike[str]) -> tuple[str, str, str]:
-    """``(url as text, GDAL path, kind)`` with kind "local", "s3" or "http"; bad URLs are InvalidInputError."""
-    text = os.fspath(url) if isinstance(url, (str, os.PathLike)) else None
-    if not isinstance(text, str) or not text:
-        raise InvalidInputError("url", url, f"expected {_SUPPORTED_URLS}")
-    if "://" not in text:
-        return text, os.path.abspath(text), "local"
-    parts = urlsplit(text)
-    scheme = parts.scheme.lower()
-    if scheme == "file":
-        if parts.netloc not in ("", "localhost"):
-            raise InvalidInputError("url", text, "a file:// URL must name a local path (file:///path)")
-        return text, os.path.abspath(unquote(parts.path)), "local"
-    if scheme == "s3":
-        key = parts.path.lstrip("/")
-        if not parts.netloc or not key:
-            raise InvalidInputError("url", text, "an S3 URL needs a bucket and a key: s3://bucket/key")
-        return text, f"/vsis3/{parts.netloc}/{key}", "s3"
-    if scheme in ("http", "https"):
-        return text, f"/vsicurl/{text}", "http"
-    raise InvalidInputError("url", text, f"unsupported scheme {scheme!r}; expected {_SUPPORTED_URLS}")
-
-
-def resolve_source(url: str | os.PathLike[str], endpoint_url: str | None = None) -> ImageSource:
-    """Map a local path, ``file://``, ``s3://`` or ``http(s)://`` URL to what GDAL opens, with its env.
-
-    For S3 the credentials are taken now, on the client, from boto3's default session.
-    """
-    text, path, kind = _parse_url(url)
-    if kind == "local":
-        return ImageSource(text, path, GdalEnv(options=_cache_option()))
-    if kind == "http":
-        return ImageSource(text, path, GdalEnv(options=tuple(sorted({**_REMOTE_OPTIONS, **dict(_cache_option())}.items()))))
-    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-    return ImageSource(text, path, _s3_env(endpoint), endpoint)
-
-
-def _cache_option() -> tuple[tuple[str, str], ...]:
-    """GDAL's block cache, capped (``mr.imagery.gdal-cache-mb``): by default GDAL takes 5% of RAM per process,
-    which grows with the image read; each region is read once, so a small cache that holds the blocks shared by
-    neighbouring windows is all that helps."""
-    from mr import config
-
-    return (("GDAL_CACHEMAX", int(config.get("imagery.gdal-cache-mb"))),)  # rasterio wants an int here
-
-
-def _s3_env(endpoint_url: str | None) -> GdalEnv:
-    """GDAL options for /vsis3/: credentials from boto3's default session, and a custom endpoint if any."""
-    options = {**_REMOTE_OPTIONS, **dict(_cache_option())}
-    if endpoint_url:
-        parts = urlsplit(endpoint_url if "://" in endpoint_url else f"https://{endpoint_url}")
-        options.update(
-            AWS_S3_ENDPOINT=parts.netloc,  # GDAL wants host[:port], the scheme goes to AWS_HTTPS
-            AWS_HTTPS="YES" if parts.scheme == "https" else "NO",
-            AWS_VIRTUAL_HOSTING="FALSE",  # path-style requests: what moto, MinIO and most gateways serve
-        )
-    captured = {k: str(v) for k, v in AWSSession().get_credential_options().items()}
-    options.update({k: v for k, v in captured.items() if k not in _SECRET_OPTIONS and k != "AWS_S3_ENDPOINT"})
-    secrets = {k: v for k, v in captured.items() if k in _SECRET_OPTIONS}
-    return GdalEnv(options=tuple(sorted(options.items())), secrets=tuple(sorted(secrets.items())))
-
-
-def image_id_for(url: str | os.PathLike[str]) -> str:
-    """A stable id for an image: 16 hex digits of the SHA-256 of its canonical URL.
-
-    Equivalent spellings of a local file (relative path, absolute path, ``file://``) give the same id.
-    """
-    text, path, kind = _parse_url(url)
-    canonical = path if kind == "local" else text
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
-
-
-# -- reading pixels inside tasks --------------------------------------------------------------------------
-
-_thread_handles = threading.local()
-
-
-_HandleKey = tuple[str, GdalEnv, "tuple[int, int] | None"]
-
-
-def _dataset(key: _HandleKey) -> rasterio.io.DatasetReader:
-    """This thread's open dataset for ``(path, env, file signature)``: a small LRU per thread.
-
-    The file signature (size, mtime) is part of the key so that a file rewritten at the same path is
-    opened afresh instead of read through a stale handle. Called inside ``env``.
-    """
-    handles: OrderedDict[_HandleKey, Any] = getattr(_thread_handles, "handles", None) or OrderedDict()
-    _thread_handles.handles = handles
-    if key in handles:
-        handles.move_to_end(key)
-        return handles[key]
-    handles[key] = rasterio.open(key[0], sharing=False)  # no catch_warnings here: it is not thread-safe
-    while len(handles) > _HANDLES_PER_THREAD:
-        handles.popitem(last=False)[1].close()
-    return handles[key]
-
-
-def _forget_dataset(key: _HandleKey) -> None:
-    """Drop a handle that failed, so that a retried task opens the file afresh."""
-    handles = getattr(_thread_handles, "handles", None)
-    if handles is not None and key in handles:
-        handles.pop(key).close()
-
-
-def _axis_range(key: object, size: int) -> tuple[range, bool]:
-    """One axis of an index (int or slice) as the range it selects, and whether the axis is dropped."""
-    if isinstance(key, (int, np.integer)):
-        index = int(key) + size if key < 0 else int(key)
-        if not 0 <= index < size:
-            raise IndexError(f"index {key} is out of bounds for an axis of size {size}")
-        return range(index, index + 1), True
-    if isinstance(key, slice):
-        return range(*key.indices(size)), False
-    raise TypeError(f"RasterReader supports int and slice indices, not {type(key).__name__}")
-
-
-def _expand_key(key: object, ndim: int) -> tuple[object, ...]:
-    """An index as a tuple of exactly ``ndim`` entries (Ellipsis and missing trailing axes filled)."""
-    key = key if isinstance(key, tuple) else (key,)
-    if any(k is Ellipsis for k in key):
-        at = next(i for i, k in enumerate(key) if k is Ellipsis)
-        key = key[:at] + (slice(None),) * (ndim - len(key) + 1) + key[at + 1 :]
-    return key + (slice(None),) * (ndim - len(key))
-
-
-def _local_selection(selected: range) -> slice | np.ndarray:
-    """How to pick ``selected`` out of the contiguous window that spans it."""
-    low = min(selected)
-    if selected.step == 1:
-        return slice(0, len(selected))
-    return np.asarray(selected) - low
-
-
-@dataclass(frozen=True)
-class RasterReader:
-    """Array-like window reader that dask slices; pickles to these fields, opens lazily once per thread."""
-
-    url: str
-    """The image as the caller named it (for error messages)."""
-    path: str
-    """What GDAL opens."""
-    env: GdalEnv
-    bands: tuple[int, ...]
-    """1-based band indexes of the file, in output order."""
-    height: int
-    width: int
-    dtype_name: str
-    signature: tuple[int, int] | None = None
-    """Size and mtime of a local file when opened (None for remote files)."""
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (len(self.bands), self.height, self.width)
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(self.dtype_name)
-
-    @property
-    def ndim(self) -> int:
-        return 3
-
-    def __getitem__(self, key: object) -> np.ndarray:
-        """Read the pixels ``key`` selects (ints and slices per axis)."""
-        key = _expand_key(key, 3)
-        (bands, drop_b), (rows, drop_y), (cols, drop_x) = (
-            _axis_range(k, n) for k, n in zip(key, self.shape)
-        )
-        if not (len(bands) and len(rows) and len(cols)):
-            data = np.empty((len(bands), len(rows), len(cols)), self.dtype)
-        else:
-            data = self._read(bands, rows, cols)
-        drop = tuple(0 if d else slice(None) for d in (drop_b, drop_y, drop_x))
-        return data[drop]
-
-    def _read(self, bands: range, rows: range, cols: range) -> np.ndarray:
-        """Read the window spanning ``rows`` x ``cols`` for ``bands``, then pick strided selections."""
-        r0, c0 = min(rows), min(cols)
-        window = Window(c0, r0, max(cols) - c0 + 1, max(rows) - r0 + 1)
-        indexes = [self.bands[i] for i in bands]
-        try:
-            with self.env.activate():
-                data = _dataset((self.path, self.env, self.signature)).read(indexes=indexes, window=window)
-        except (rasterio.errors.RasterioError, CPLE_BaseError) as e:
-            _forget_dataset((self.path, self.env, self.signature))
-            where = f"rows {r0}:{r0 + window.height}, columns {c0}:{c0 + window.width}"
-            raise ImageOpenError(self.url, f"reading {where} failed (truncated or corrupt?): {_one_line(e)}") from e
-        if rows.step != 1:
-            data = data[:, _local_selection(rows), :]
-        if cols.step != 1:
-            data = data[:, :, _local_selection(cols)]
-        return data
-
 
 # -- opening ----------------------------------------------------------------------------------------------
 
@@ -453,17 +197,6 @@ def _open_failure_reason(e: Exception) -> str:
     if "No such file or directory" in message or "404" in message:
         return f"does not exist or is not readable: {message}"
     return message
-
-
-def _one_line(e: BaseException) -> str:
-    """An exception and its causes (rasterio chains GDAL's detail) as one line."""
-    parts: list[str] = []
-    while e is not None and len(parts) < 4:
-        text = " ".join(str(e).split())
-        if text and text not in parts and not text.startswith("See previous exception"):
-            parts.append(text)
-        e = e.__cause__ or e.__context__  # type: ignore[assignment]
-    return "; ".join(parts) or "unknown error"
 
 
 def _resolve_bands(bands: Sequence[int] | None, count: int) -> tuple[int, ...]:

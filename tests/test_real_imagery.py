@@ -6,7 +6,6 @@ import os
 import subprocess
 
 import geopandas as gpd
-import numpy as np
 import pytest
 import shapely
 
