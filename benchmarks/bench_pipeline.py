@@ -1,10 +1,10 @@
 """Pipeline benchmarks, each a ratio measured in one run.
 
-  (a) throughput with a model that finds nothing ÷ a plain sequential GDAL decode of the same file  (goal ≥ 0.9)
-  (b) peak memory of all processes for a large image ÷ that for a 10k² image                   (goal ≤ 1.2)
-  (d) seconds to build the graph of a 100,000² image                                           (goal < 1 s)
+(a) throughput with a model that finds nothing ÷ a plain sequential GDAL decode of the same file  (goal ≥ 0.9)
+(b) peak memory of all processes for a large image ÷ that for a 10k² image                   (goal ≤ 1.2)
+(d) seconds to build the graph of a 100,000² image                                           (goal < 1 s)
 
-    python benchmarks/bench_pipeline.py [--decode-size 10000] [--large-size 40000] [--workers 2]
+  python benchmarks/bench_pipeline.py [--decode-size 10000] [--large-size 40000] [--workers 2]
 """
 
 from __future__ import annotations
@@ -60,9 +60,19 @@ def graph_build_seconds(size: int = 100_000) -> tuple[float, float, int]:
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "huge.tif"
-        profile = dict(driver="GTiff", width=size, height=size, count=1, dtype="uint8", tiled=True,
-                       blockxsize=512, blockysize=512, crs="EPSG:32616", sparse_ok=True,
-                       transform=rasterio.transform.from_origin(500000, 4500000, 0.5, 0.5))
+        profile = dict(
+            driver="GTiff",
+            width=size,
+            height=size,
+            count=1,
+            dtype="uint8",
+            tiled=True,
+            blockxsize=512,
+            blockysize=512,
+            crs="EPSG:32616",
+            sparse_ok=True,
+            transform=rasterio.transform.from_origin(500000, 4500000, 0.5, 0.5),
+        )
         with rasterio.open(path, "w", **profile):
             pass
         with dask.config.set(scheduler=refuse):
@@ -102,12 +112,18 @@ def main() -> None:
         small, _ = peak_memory(scene_file(args.small_size), args.workers)
         large, large_seconds = peak_memory(scene_file(args.large_size), args.workers)
         memory_ratio = large / small
-        lines.append(row(
-            f"(b) peak RSS {args.large_size}² ÷ {args.small_size}²",
-            f"{memory_ratio:.2f}× ({large / 2**20:.0f} MiB)", "≤ 1.2", memory_ratio <= 1.2,
-        ))
+        lines.append(
+            row(
+                f"(b) peak RSS {args.large_size}² ÷ {args.small_size}²",
+                f"{memory_ratio:.2f}× ({large / 2**20:.0f} MiB)",
+                "≤ 1.2",
+                memory_ratio <= 1.2,
+            )
+        )
         mpx = args.large_size**2 / 1e6
-        lines.append(f"    builtin detector on {args.large_size}²: {large_seconds:.1f} s, {mpx / large_seconds:.1f} MP/s")
+        lines.append(
+            f"    builtin detector on {args.large_size}²: {large_seconds:.1f} s, {mpx / large_seconds:.1f} MP/s"
+        )
     print("\n".join(lines))
 
 

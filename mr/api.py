@@ -14,7 +14,7 @@ from dask.threaded import get as threaded_get
 from mr.errors import InvalidInputError
 from mr.features import FeatureTable, OutputMetadata, to_geodataframe
 from mr.geo import Georeference
-from mr.graph import DetectionGraph, build_detection_graph, region_blocks, region_results
+from mr.graph import DetectionGraph, RegionJob, build_detection_graph, region_results
 from mr.imagery import open_image
 from mr.models.base import Model
 from mr.models.registry import resolve_model
@@ -188,12 +188,12 @@ def detect(
     )
     mask = region.tile_mask(grid) if region else None
     tile_count = int(mask.sum()) if mask is not None else grid.tile_count
-    blocks = region_blocks(image, grid)
-    results = region_results(blocks, grid, resolved_model, settings, mask, region.pixels if region else None)
+    job = RegionJob(grid, resolved_model, settings, mask, region.pixels if region else None)
+    results = region_results(image, job)
     built = build_detection_graph(results, grid, settings, georef)
     metadata = OutputMetadata(
         job_id=job_id,
-        image_id=str(image.attrs.get("image_id", tokenize(blocks.name))),
+        image_id=str(image.attrs.get("image_id", tokenize(results.name))),
         model_name=resolved_model.name,
         feature_properties=dict(feature_properties or {}),
         source_metadata=image.attrs.get("source_metadata") or None,

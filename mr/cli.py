@@ -15,7 +15,9 @@ def _tiling_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tile-size", type=int, help="tile side in pixels")
     group.add_argument("--overlap", type=int, help="minimum overlap between tiles in pixels (0 is valid)")
     group.add_argument("--region-size", type=int, help="region side in pixels (one task per region)")
-    group.add_argument("--strategy", choices=["variable", "fixed"], help="variable: full tiles; fixed: edge tiles truncated")
+    group.add_argument(
+        "--strategy", choices=["variable", "fixed"], help="variable: full tiles; fixed: edge tiles truncated"
+    )
     group.add_argument("--batch-size", type=int, help="tiles per model call")
     group.add_argument("--model", help="registered model name (default: builtin)")
     group.add_argument("--nms", choices=["nms", "soft-nms", "none"], help="de-duplication method")

@@ -16,6 +16,7 @@ from dask.highlevelgraph import HighLevelGraph
 from mr.features import FeatureTable, geolocate
 from mr.geo import Georeference
 from mr.models.base import Model
+from mr.detections import Detections
 from mr.regions import RegionResult, RegionSettings, RegionTask, merge_pending, process_region
 from mr.tiling import TileGrid
 
@@ -34,54 +35,87 @@ def overlap_depth(grid: TileGrid) -> dict[int, tuple[int, int]]:
     return {0: (0, 0), 1: (0, grid.y.overlap), 2: (0, grid.x.overlap)}
 
 
-def _region_block(
-    block: np.ndarray,
-    grid: TileGrid,
-    model: Model,
-    settings: RegionSettings,
-    tile_mask: np.ndarray | None,
-    roi: object | None,
-    block_info: dict | None = None,
-) -> np.ndarray:
-    """map_overlap kernel: wraps `process_region` and boxes its result in a 1×1 object array."""
-    _, ry, rx = block_info[0]["chunk-location"]
-    mask = None
-    if tile_mask is not None:
-        ys, xs = grid.y.tiles_of_region(ry), grid.x.tiles_of_region(rx)
-        mask = tile_mask[ys.start : ys.stop, xs.start : xs.stop]
-    out = np.empty((1, 1), dtype=object)
-    if mask is not None and not mask.any():
-        from mr.detections import Detections
+@dataclass(frozen=True)
+class RegionJob:
+    """Everything a region task needs besides its pixels; small, so it travels inside every task."""
 
-        out[0, 0] = RegionResult(Detections.empty(), Detections.empty(), 0, 0.0)
-    else:
-        out[0, 0] = process_region(block, grid, RegionTask(ry, rx, mask), model, settings, roi)
+    grid: TileGrid
+    model: Model
+    settings: RegionSettings
+    tile_mask: np.ndarray | None = None
+    """bool (tiles y, tiles x) over the whole grid: tiles to run (a region of interest skips some)."""
+    roi: object | None = None
+    """The region of interest in full-image pixels, or None."""
+
+    def task(self, ry: int, rx: int) -> RegionTask:
+        mask = None
+        if self.tile_mask is not None:
+            ys, xs = self.grid.y.tiles_of_region(ry), self.grid.x.tiles_of_region(rx)
+            mask = self.tile_mask[ys.start : ys.stop, xs.start : xs.stop]
+        return RegionTask(ry, rx, mask)
+
+
+def _boxed(result: RegionResult) -> np.ndarray:
+    out = np.empty((1, 1), dtype=object)
+    out[0, 0] = result
     return out
 
 
-def region_results(
-    blocks: da.Array,
-    grid: TileGrid,
-    model: Model,
-    settings: RegionSettings,
-    tile_mask: np.ndarray | None = None,
-    roi: object | None = None,
-) -> da.Array:
-    """One task per region over the overlapped blocks: an object array (regions y, regions x) of `RegionResult`."""
-    token = tokenize(blocks.name, grid, model, settings, tile_mask, roi)
+def _skipped(task: RegionTask) -> bool:
+    return task.tile_mask is not None and not task.tile_mask.any()
+
+
+def _run_block(block: np.ndarray, job: RegionJob, block_info: dict | None = None) -> np.ndarray:
+    """map_blocks kernel over overlapped blocks: the region's place comes from the block's location."""
+    _, ry, rx = block_info[0]["chunk-location"]
+    task = job.task(ry, rx)
+    if _skipped(task):
+        return _boxed(RegionResult(Detections.empty(), Detections.empty(), 0, 0.0))
+    return _boxed(process_region(block, job.grid, task, job.model, job.settings, job.roi))
+
+
+def _read_and_run(reader, job: RegionJob, ry: int, rx: int) -> np.ndarray:
+    """One region task over a file: read the region's window (overlap included), then run it."""
+    task = job.task(ry, rx)
+    if _skipped(task):
+        return _boxed(RegionResult(Detections.empty(), Detections.empty(), 0, 0.0))
+    (y0, y1), (x0, x1) = block_span(job.grid.y, job.grid.y_offset, ry), block_span(job.grid.x, job.grid.x_offset, rx)
+    block = reader[:, y0:y1, x0:x1]
+    return _boxed(process_region(block, job.grid, task, job.model, job.settings, job.roi))
+
+
+def region_results(image, job: RegionJob) -> da.Array:
+    """One task per region: an object array (regions y, regions x) of `RegionResult`.
+
+    An untouched `mr.open_image` result is read window by window inside the region tasks themselves: one read
+    per region, no pixel block held between tasks or sent between workers. Any other array is cropped, chunked
+    by regions and given its overlap by dask (``overlap`` + ``map_blocks``: what ``map_overlap`` does).
+    """
+    from mr.imagery import image_reader
+
+    grid = job.grid
+    chunks = ((1,) * grid.y.region_count, (1,) * grid.x.region_count)
+    meta = np.empty((0, 0), dtype=object)
+    reader = image_reader(image)
+    if reader is not None:
+        name = f"infer-region-{tokenize(reader, job)}"
+        layer = {
+            (name, ry, rx): (_read_and_run, reader, job, ry, rx)
+            for ry in range(grid.y.region_count)
+            for rx in range(grid.x.region_count)
+        }
+        graph = HighLevelGraph.from_collections(name, layer, dependencies=())
+        return da.Array(graph, name, chunks, meta=meta)
+    blocks = overlapped_blocks(image, grid)
     return da.map_blocks(
-        _region_block,
+        _run_block,
         blocks,
         drop_axis=0,
-        chunks=((1,) * grid.y.region_count, (1,) * grid.x.region_count),
+        chunks=chunks,
         dtype=object,
-        meta=np.empty((0, 0), dtype=object),
-        name=f"infer-region-{token}",
-        grid=grid,
-        model=model,
-        settings=settings,
-        tile_mask=tile_mask,
-        roi=roi,
+        meta=meta,
+        name=f"infer-region-{tokenize(blocks.name, job)}",
+        job=job,
     )
 
 
@@ -153,7 +187,9 @@ def build_detection_graph(
     below = pending_name
     deps = {settle_name: {results.name}, pending_name: {results.name}}
     for level, nodes in seam_tree_groups((ny, nx), split_every):
-        merge, settled, pending = (f"{kind}-{level}-{token}" for kind in ("merge-seams", "settle-seams", "pending-seams"))
+        merge, settled, pending = (
+            f"{kind}-{level}-{token}" for kind in ("merge-seams", "settle-seams", "pending-seams")
+        )
         layers[merge], layers[settled], layers[pending] = {}, {}, {}
         for (py, px), children, group in nodes:
             child_keys = [(below, cy, cx) for cy, cx in children]
@@ -170,18 +206,8 @@ def build_detection_graph(
     return DetectionGraph(graph, tuple(parts), f"detect-{token}")
 
 
-def region_blocks(image, grid: TileGrid) -> da.Array:
-    """Each region's pixels with the overlap its last tiles reach into: the blocks the region tasks run on.
-
-    An untouched `mr.open_image` result is read window by window straight from the file, one read per region
-    (no neighbouring chunk is held in memory or sent between workers for its overlap). Any other array goes
-    through dask's own ``overlap`` (what ``map_overlap`` does) after being cropped and chunked by regions.
-    """
-    from mr.imagery import image_reader
-
-    reader = image_reader(image)
-    if reader is not None:
-        return _windowed_reads(reader, grid)
+def overlapped_blocks(image, grid: TileGrid) -> da.Array:
+    """The image cropped to the tiled window, chunked by regions, each block given the overlap it needs."""
     data = image.data if isinstance(image.data, da.Array) else da.from_array(image.data, chunks=-1)
     y0, x0 = grid.y_offset, grid.x_offset
     data = data[:, y0 : y0 + grid.y.covered, x0 : x0 + grid.x.covered]
@@ -189,27 +215,7 @@ def region_blocks(image, grid: TileGrid) -> da.Array:
     return da.overlap.overlap(data, depth=overlap_depth(grid), boundary="none")
 
 
-def block_spans(axis, offset: int) -> list[tuple[int, int]]:
-    """(start, stop) in full-image pixels of every region block along one axis, overlap included."""
+def block_span(axis, offset: int, index: int) -> tuple[int, int]:
+    """(start, stop) in full-image pixels of one region block along an axis, overlap included."""
     bounds = np.concatenate([[0], np.cumsum(axis.region_chunks)])
-    return [
-        (int(offset + bounds[i]), int(offset + min(bounds[i + 1] + axis.overlap, axis.covered)))
-        for i in range(axis.region_count)
-    ]
-
-
-def _read_window(reader, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-    return reader[:, y0:y1, x0:x1]
-
-
-def _windowed_reads(reader, grid: TileGrid) -> da.Array:
-    ys, xs = block_spans(grid.y, grid.y_offset), block_spans(grid.x, grid.x_offset)
-    name = f"read-region-{tokenize(reader, ys, xs)}"
-    layer = {
-        (name, 0, i, j): (_read_window, reader, y0, y1, x0, x1)
-        for i, (y0, y1) in enumerate(ys)
-        for j, (x0, x1) in enumerate(xs)
-    }
-    chunks = ((reader.shape[0],), tuple(b - a for a, b in ys), tuple(b - a for a, b in xs))
-    graph = HighLevelGraph.from_collections(name, layer, dependencies=())
-    return da.Array(graph, name, chunks, meta=np.empty((0, 0, 0), dtype=reader.dtype))
+    return int(offset + bounds[index]), int(offset + min(bounds[index + 1] + axis.overlap, axis.covered))

@@ -64,31 +64,54 @@ def region_tiles(grid: TileGrid, task: RegionTask) -> list[tuple[int, int]]:
     return chosen
 
 
+def tile_batches(grid: TileGrid, task: RegionTask, batch_size: int) -> list[tuple[int, list[int]]]:
+    """(iy, [ix, …]): runs of neighbouring, same-shaped tiles in one tile row, at most ``batch_size`` long.
+
+    Such a run is a strided view of the block, so a batch reaches the model without copying pixels.
+    """
+    batches: list[tuple[int, list[int]]] = []
+    for iy, ix in region_tiles(grid, task):
+        if batches:
+            row, run = batches[-1]
+            same_shape = (
+                grid.x.tile_ends[ix] - grid.x.tile_starts[ix] == grid.x.tile_ends[run[0]] - grid.x.tile_starts[run[0]]
+            )
+            if row == iy and ix == run[-1] + 1 and same_shape and len(run) < batch_size:
+                run.append(ix)
+                continue
+        batches.append((iy, [ix]))
+    return batches
+
+
+def batch_view(block: np.ndarray, y0: int, x0: int, height: int, width: int, count: int, stride: int) -> np.ndarray:
+    """``count`` tiles of ``height`` × ``width`` starting at (y0, x0), ``stride`` apart along x: a read-only view."""
+    span = block[:, y0 : y0 + height, x0 : x0 + (count - 1) * stride + width]
+    s_band, s_row, s_col = span.strides
+    return np.lib.stride_tricks.as_strided(
+        span,
+        shape=(count, span.shape[0], height, width),
+        strides=(stride * s_col, s_band, s_row, s_col),
+        writeable=False,
+    )
+
+
 def run_tiles(block: np.ndarray, grid: TileGrid, task: RegionTask, model: Model, batch_size: int) -> Detections:
-    """Run the model over the region's tiles (numpy views of the block) and return image-pixel detections."""
+    """Run the model over the region's tiles (batched views of the block) and return image-pixel detections."""
     x_origin = grid.x.tile_starts[grid.x.tiles_of_region(task.rx)[0]]
     y_origin = grid.y.tile_starts[grid.y.tiles_of_region(task.ry)[0]]
-    by_shape: dict[tuple[int, int], list[tuple[int, int]]] = {}
-    for iy, ix in region_tiles(grid, task):
-        h = int(grid.y.tile_ends[iy] - grid.y.tile_starts[iy])
-        w = int(grid.x.tile_ends[ix] - grid.x.tile_starts[ix])
-        by_shape.setdefault((h, w), []).append((iy, ix))
     found: list[Detections] = []
-    for (h, w), tiles in by_shape.items():
-        for start in range(0, len(tiles), batch_size):
-            batch = tiles[start : start + batch_size]
-            views = []
-            for iy, ix in batch:
-                y0 = int(grid.y.tile_starts[iy] - y_origin)
-                x0 = int(grid.x.tile_starts[ix] - x_origin)
-                views.append(block[:, y0 : y0 + h, x0 : x0 + w])
-            tables = _call_model(model, np.stack(views))
-            if len(tables) != len(batch):
-                raise ModelError(f"model {model.name!r} returned {len(tables)} tables for {len(batch)} tiles")
-            for (iy, ix), table in zip(batch, tables):
-                dx = grid.x_offset + grid.x.tile_starts[ix]
-                dy = grid.y_offset + grid.y.tile_starts[iy]
-                found.append(table.shifted(float(dx), float(dy), int(grid.tile_id(iy, ix))))
+    for iy, run in tile_batches(grid, task, batch_size):
+        height = int(grid.y.tile_ends[iy] - grid.y.tile_starts[iy])
+        width = int(grid.x.tile_ends[run[0]] - grid.x.tile_starts[run[0]])
+        y0 = int(grid.y.tile_starts[iy] - y_origin)
+        x0 = int(grid.x.tile_starts[run[0]] - x_origin)
+        tables = _call_model(model, batch_view(block, y0, x0, height, width, len(run), grid.x.stride))
+        if len(tables) != len(run):
+            raise ModelError(f"model {model.name!r} returned {len(tables)} tables for {len(run)} tiles")
+        for ix, table in zip(run, tables):
+            dx = grid.x_offset + grid.x.tile_starts[ix]
+            dy = grid.y_offset + grid.y.tile_starts[iy]
+            found.append(table.shifted(float(dx), float(dy), int(grid.tile_id(iy, ix))))
     return Detections.concat(found)
 
 

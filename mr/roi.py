@@ -56,14 +56,18 @@ def resolve_roi(roi: Any, georef: Georeference | None, width: int, height: int) 
         return None
     polygon = parse_polygon(roi)
     if georef is None or georef.kind is None:
-        raise InvalidInputError("roi", polygon.wkt, "the image has no georeference, so a lon/lat polygon cannot be placed on it")
+        raise InvalidInputError(
+            "roi", polygon.wkt, "the image has no georeference, so a lon/lat polygon cannot be placed on it"
+        )
     step = _degrees_per_pixel(georef, width, height)
     dense = shapely.segmentize(polygon, max_segment_length=max(step * 16, 1e-9))
     with np.errstate(invalid="ignore", over="ignore"):
         coords = shapely.get_coordinates(dense)
         placed = np.column_stack(world_to_pixel(georef, coords[:, 0], coords[:, 1]))
     if not np.all(np.isfinite(placed)):
-        raise InvalidInputError("roi", polygon.wkt, "lies (at least partly) where the image's georeference is undefined")
+        raise InvalidInputError(
+            "roi", polygon.wkt, "lies (at least partly) where the image's georeference is undefined"
+        )
     pixels = shapely.set_coordinates(dense, placed)
     if not pixels.is_valid:
         pixels = shapely.make_valid(pixels)

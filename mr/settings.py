@@ -67,7 +67,9 @@ def resolve_dedup(nms: Any = None) -> DedupConfig:
         raise InvalidInputError("nms", nms, "give a method name, a mapping of DedupConfig fields or a DedupConfig")
     unknown = set(fields) - set(DedupConfig.__dataclass_fields__)
     if unknown:
-        raise InvalidInputError("nms", sorted(unknown), f"unknown fields; allowed: {sorted(DedupConfig.__dataclass_fields__)}")
+        raise InvalidInputError(
+            "nms", sorted(unknown), f"unknown fields; allowed: {sorted(DedupConfig.__dataclass_fields__)}"
+        )
     return DedupConfig(**fields)
 
 

