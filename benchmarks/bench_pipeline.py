@@ -39,12 +39,27 @@ def pipeline_seconds(path: Path, client, model=None) -> tuple[float, int]:
 
 
 def peak_memory(path: Path, workers: int) -> tuple[int, float]:
+    """Peak summed RSS of a fresh process and its workers running the built-in detector over ``path``."""
+    import json
+    import subprocess
+    import sys
+
+    probe = [sys.executable, "-m", "benchmarks.bench_pipeline", "--memory-probe", str(path), "--workers", str(workers)]
+    done = subprocess.run(probe, capture_output=True, text=True, check=True)
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    return figures["peak"], figures["seconds"]
+
+
+def memory_probe(path: Path, workers: int) -> None:
+    """Run in a fresh process (so nothing measured earlier inflates it) and print its figures as JSON."""
+    import json
+
     from mr.cluster import get_client
 
     with PeakMemory() as peak:
         with get_client(n_workers=workers, threads_per_worker=1) as client:
             seconds, _ = pipeline_seconds(path, client, model="builtin")
-    return peak.peak, seconds
+    print(json.dumps({"peak": peak.peak, "seconds": seconds}))
 
 
 def graph_build_seconds(size: int = 100_000) -> tuple[float, float, int]:
@@ -92,7 +107,10 @@ def main() -> None:
     parser.add_argument("--large-size", type=int, default=40_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--memory-probe", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_probe:
+        return memory_probe(args.memory_probe, args.workers)
     from mr.cluster import get_client
 
     lines = []
