@@ -127,10 +127,6 @@ def _pending(cell: np.ndarray):
     return cell[0, 0].pending
 
 
-def _merge_node(parts: list, grid: TileGrid, group: tuple[int, int, int, int], settings: RegionSettings):
-    return merge_pending(parts, grid, group, settings)
-
-
 def _node_settled(node: tuple, georef: Georeference | None) -> FeatureTable:
     return geolocate(node[0], georef)
 
@@ -193,7 +189,7 @@ def build_detection_graph(
         layers[merge], layers[settled], layers[pending] = {}, {}, {}
         for (py, px), children, group in nodes:
             child_keys = [(below, cy, cx) for cy, cx in children]
-            layers[merge][(merge, py, px)] = (_merge_node, child_keys, grid, group, settings)
+            layers[merge][(merge, py, px)] = (merge_pending, child_keys, grid, group, settings)
             layers[settled][(settled, py, px)] = (_node_settled, (merge, py, px), georef)
             layers[pending][(pending, py, px)] = (_node_pending, (merge, py, px))
             parts.append((settled, py, px))
