@@ -162,12 +162,14 @@ def detect(
     batch_size: Any = None,
     job_id: str = "",
     feature_properties: dict | None = None,
+    checkpoint: Any = None,
 ) -> DetectionResult:
     """Plan and build the detection graph for an image; nothing is read or computed until asked.
 
     ``model``: a registered name ("builtin"), a `Model`, or any callable on tiles. ``roi``: a WKT polygon (or
     shapely geometry) in lon/lat that limits the work to the tiles it touches; features outside it are dropped.
     ``nms``: "nms", "soft-nms", "none", a mapping of `DedupConfig` fields or a `DedupConfig`.
+    ``checkpoint``: a `mr.checkpoint.RegionCheckpoint`; finished regions are kept there and not recomputed.
     """
     image = as_image(image)
     bands, height, width = (int(n) for n in image.shape)
@@ -188,7 +190,7 @@ def detect(
     )
     mask = region.tile_mask(grid) if region else None
     tile_count = int(mask.sum()) if mask is not None else grid.tile_count
-    job = RegionJob(grid, resolved_model, settings, mask, region.pixels if region else None)
+    job = RegionJob(grid, resolved_model, settings, mask, region.pixels if region else None, checkpoint)
     results = region_results(image, job)
     built = build_detection_graph(results, grid, settings, georef)
     metadata = OutputMetadata(

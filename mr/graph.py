@@ -46,6 +46,8 @@ class RegionJob:
     """bool (tiles y, tiles x) over the whole grid: tiles to run (a region of interest skips some)."""
     roi: object | None = None
     """The region of interest in full-image pixels, or None."""
+    checkpoint: object | None = None
+    """A `mr.checkpoint.RegionCheckpoint`: finished regions are saved there and, when present, not recomputed."""
 
     def task(self, ry: int, rx: int) -> RegionTask:
         mask = None
@@ -65,23 +67,32 @@ def _skipped(task: RegionTask) -> bool:
     return task.tile_mask is not None and not task.tile_mask.any()
 
 
+def _run_region(read, job: RegionJob, ry: int, rx: int) -> np.ndarray:
+    """Load the region from its checkpoint, or read its pixels, run it and checkpoint it."""
+    if job.checkpoint is not None:
+        stored = job.checkpoint.load(ry, rx)
+        if stored is not None:
+            return _boxed(stored)
+    task = job.task(ry, rx)
+    if _skipped(task):
+        result = RegionResult(Detections.empty(), Detections.empty(), 0, 0.0)
+    else:
+        result = process_region(read(), job.grid, task, job.model, job.settings, job.roi)
+    if job.checkpoint is not None:
+        job.checkpoint.save(ry, rx, result)
+    return _boxed(result)
+
+
 def _run_block(block: np.ndarray, job: RegionJob, block_info: dict | None = None) -> np.ndarray:
     """map_blocks kernel over overlapped blocks: the region's place comes from the block's location."""
     _, ry, rx = block_info[0]["chunk-location"]
-    task = job.task(ry, rx)
-    if _skipped(task):
-        return _boxed(RegionResult(Detections.empty(), Detections.empty(), 0, 0.0))
-    return _boxed(process_region(block, job.grid, task, job.model, job.settings, job.roi))
+    return _run_region(lambda: block, job, ry, rx)
 
 
 def _read_and_run(reader, job: RegionJob, ry: int, rx: int) -> np.ndarray:
     """One region task over a file: read the region's window (overlap included), then run it."""
-    task = job.task(ry, rx)
-    if _skipped(task):
-        return _boxed(RegionResult(Detections.empty(), Detections.empty(), 0, 0.0))
     (y0, y1), (x0, x1) = block_span(job.grid.y, job.grid.y_offset, ry), block_span(job.grid.x, job.grid.x_offset, rx)
-    block = reader[:, y0:y1, x0:x1]
-    return _boxed(process_region(block, job.grid, task, job.model, job.settings, job.roi))
+    return _run_region(lambda: reader[:, y0:y1, x0:x1], job, ry, rx)
 
 
 def region_results(image, job: RegionJob) -> da.Array:
