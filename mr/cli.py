@@ -56,7 +56,42 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--objects", type=int, default=300, help="objects to plant (default 300)")
     demo.add_argument("--dir", default="demo-output", help="folder for the scene and the features")
     _tiling_options(demo)
+    submit = commands.add_parser("submit", help="validate an OversightML image request and put it on the queue")
+    submit.add_argument("request", help="a JSON file with the request ('-' reads standard input)")
+    submit.add_argument("--queue", help="sqlite:///PATH, an SQS queue URL or sqs://NAME (default: configured)")
+    status = commands.add_parser("status", help="show a job's record")
+    status.add_argument("job_id")
+    status.add_argument("--store", help="sqlite:///PATH or dynamodb://TABLE-PREFIX (default: configured)")
     return parser
+
+
+def command_submit(args: argparse.Namespace) -> int:
+    from mr.queues import open_queue
+    from mr.request import ImageRequest
+    from mr.service import resolve_service
+
+    body = sys.stdin.read() if args.request == "-" else Path(args.request).read_text(encoding="utf-8")
+    request = ImageRequest.from_message(body)
+    queue = open_queue(resolve_service(queue=args.queue).queue)
+    message_id = queue.send(body)
+    print(f"Queued job {request.job_id} ({len(request.image_urls)} image(s)) as message {message_id}.")
+    return 0
+
+
+def command_status(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from mr.service import resolve_service
+    from mr.state import open_store
+
+    record = open_store(resolve_service(store=args.store).store).get_job(args.job_id)
+    if record is None:
+        print(f"mr: error: no job {args.job_id!r}", file=sys.stderr)
+        return 1
+    fields = {k: getattr(v, "value", v) for k, v in dataclasses.asdict(record).items() if k != "request"}
+    print(json.dumps(fields, indent=2, default=str))
+    return 0
 
 
 def _detect(image, args: argparse.Namespace):
@@ -122,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("distributed").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
-        return {"run": command_run, "demo": command_demo}[args.command](args)
+        commands = {"run": command_run, "demo": command_demo, "submit": command_submit, "status": command_status}
+        return commands[args.command](args)
     except MrError as error:
         print(f"mr: error: {error}", file=sys.stderr)
         return 2

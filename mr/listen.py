@@ -1,0 +1,225 @@
+"""``python -m mr.listen``: take requests from the queue and run each as one Dask graph, a bounded few at a time.
+
+receive → validate → record → build the graph → compute on the cluster → publish → record → delete. A bad
+request is recorded FAILED with its reason and deleted; the listener goes on. On SIGTERM it takes nothing new;
+running requests are abandoned before publishing and left on the queue to be delivered again, where their
+checkpointed regions are not recomputed. A request whose job already finished is deleted without running again,
+so nothing is published twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+from mr.errors import MrError
+from mr.jobs import Interrupted, combined_output, process_images
+from mr.service import ServiceSettings, resolve_service
+
+log = logging.getLogger("mr.listen")
+
+FINISHED = ("SUCCESS", "PARTIAL", "FAILED")
+
+
+def _status_name(status) -> str:
+    return getattr(status, "value", status)
+
+
+def _job_id_of(body: bytes, fallback: str) -> str:
+    """The jobId of a message that failed validation, when it can be read at all."""
+    try:
+        value = json.loads(body).get("jobId")
+        return value if isinstance(value, str) and value.strip() and len(value) <= 256 else fallback
+    except Exception:  # noqa: BLE001 - any unreadable body falls back to the message id
+        return fallback
+
+
+class Listener:
+    """Receives requests and runs them; one instance per process."""
+
+    def __init__(self, settings: ServiceSettings, client) -> None:
+        from mr.queues import open_queue
+        from mr.state import open_notifier, open_store
+
+        self.settings = settings
+        self.client = client
+        self.queue = open_queue(settings.queue)
+        self.store = open_store(settings.store)
+        self.notifier = open_notifier(settings.notices)
+        self.stop = threading.Event()
+
+    def run(self, once: bool = False) -> int:
+        """Serve until stopped (or, with ``once``, until the queue is empty); returns the requests handled."""
+        handled = 0
+        running: set[Future] = set()
+        with ThreadPoolExecutor(self.settings.max_in_flight, thread_name_prefix="mr-request") as pool:
+            while not self.stop.is_set():
+                free = self.settings.max_in_flight - len(running)
+                messages = []
+                if free > 0:
+                    wait_seconds = 0 if (once or running) else self.settings.poll_seconds
+                    messages = self.queue.receive(
+                        max_messages=free,
+                        wait_seconds=wait_seconds,
+                        visibility_timeout=self.settings.visibility_timeout,
+                    )
+                for message in messages:
+                    running.add(pool.submit(self.handle, message))
+                if once and not messages and not running:
+                    break
+                if running:
+                    done, running = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        future.result()
+                        handled += 1
+            for future in running:
+                future.result()
+        return handled
+
+    def handle(self, message) -> None:
+        """One message, start to finish; never raises (a failure is recorded, not thrown)."""
+        from mr.request import ImageRequest, RequestError
+
+        started = time.time()
+        try:
+            request = ImageRequest.from_message(message.body)
+        except RequestError as error:
+            job_id = _job_id_of(message.body, f"invalid-{message.message_id}")
+            self._fail(job_id, "unknown", _text(message.body), str(error), started)
+            _settle(self.queue.delete, message)
+            return
+        job_id = request.job_id
+        existing = self.store.get_job(job_id)
+        if existing is not None and _status_name(existing.status) in FINISHED:
+            log.info("job %s already %s: message deleted", job_id, _status_name(existing.status))
+            _settle(self.queue.delete, message)
+            return
+        record = self.store.start_job(job_id, request.image_ids[0], ",".join(request.image_urls), _text(message.body))
+        self.notifier.job_status(record, "request received")
+        try:
+            self._run(request, message, started)
+        except Interrupted:
+            log.info("job %s interrupted: left on the queue to be delivered again", job_id)
+            return
+        except MrError as error:
+            self._fail(job_id, request.image_ids[0], _text(message.body), str(error), started)
+        except Exception as error:  # noqa: BLE001 - one bad request never stops the listener
+            log.exception("job %s failed unexpectedly", job_id)
+            self._fail(job_id, request.image_ids[0], _text(message.body), f"{type(error).__name__}: {error}", started)
+        _settle(self.queue.delete, message)
+
+    def _run(self, request, message, started: float) -> None:
+        from mr.sinks import publish, sink_for
+
+        job_id = request.job_id
+        sinks = [sink_for(output) for output in request.outputs]
+
+        def keepalive() -> None:
+            _settle(lambda m: self.queue.extend(m, self.settings.visibility_timeout), message)
+
+        def planned(url: str, result) -> None:
+            grid, (_, height, width) = result.plan.grid, result.plan.image_shape
+            record = self.store.update_job(
+                job_id, status="IN_PROGRESS", region_count=grid.region_count,
+                tile_count=result.plan.tile_count, width=width, height=height,
+            )
+            self.notifier.job_status(record, f"processing {url}")
+
+        outcomes = process_images(
+            request.image_urls, request.detect_options(), self.client, self.settings.work_dir, job_id,
+            keepalive=keepalive, stop=self.stop, interval=max(1.0, self.settings.visibility_timeout / 3),
+            on_planned=planned,
+        )
+        if self.stop.is_set():
+            raise Interrupted("stopping before publishing")
+        table, meta = combined_output(outcomes, job_id)
+        for outcome in outcomes:
+            grid = outcome.result.plan.grid
+            for ry in range(grid.y.region_count):
+                for rx in range(grid.x.region_count):
+                    self.store.mark_region(job_id, f"{outcome.image_id}:r{ry}-c{rx}", "SUCCESS")
+        locations = publish(table, meta, sinks)
+        record = self.store.update_job(
+            job_id, status="SUCCESS", feature_count=len(table), outputs=list(locations)
+        )
+        self.notifier.job_status(record, f"{len(table)} features published to {', '.join(locations)}")
+
+    def _fail(self, job_id: str, image_id: str, request_text: str, reason: str, started: float) -> None:
+        log.warning("job %s failed: %s", job_id, reason)
+        existing = self.store.get_job(job_id)
+        if existing is None:
+            self.store.start_job(job_id, image_id, "unknown", request_text)
+        elif _status_name(existing.status) in FINISHED:
+            return
+        record = self.store.update_job(job_id, status="FAILED", message=reason)
+        self.notifier.job_status(record, reason)
+
+
+def _settle(action, message) -> None:
+    """Delete or extend a message; a lease that lapsed meanwhile is logged (the message comes back and, its job
+    being finished, is then deleted without running again)."""
+    from mr.queues.base import StaleReceiptError
+
+    try:
+        action(message)
+    except StaleReceiptError as error:
+        log.warning("message %s: %s", message.message_id, error)
+
+
+def _text(body: bytes | str) -> str:
+    return body if isinstance(body, str) else body.decode("utf-8", errors="replace")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mr.listen", description=__doc__.splitlines()[0])
+    parser.add_argument("--queue", help="sqlite:///PATH, an SQS queue URL or sqs://NAME")
+    parser.add_argument("--store", help="sqlite:///PATH or dynamodb://TABLE-PREFIX")
+    parser.add_argument("--notices", help="sns://TOPIC or an SNS topic ARN (default: log them)")
+    parser.add_argument("--config", help="a YAML file of mr settings (as config/mr.yaml)")
+    parser.add_argument("--data-dir", help="embedded mode: folder of the SQLite file and region checkpoints")
+    parser.add_argument("--max-in-flight", type=int, help="requests processed at once")
+    parser.add_argument("--workers", type=int, help="local worker processes")
+    parser.add_argument("--scheduler", help="address of a running Dask scheduler instead of a local cluster")
+    parser.add_argument("--once", action="store_true", help="process what is queued, then exit")
+    return parser
+
+
+def load_config_file(path: str | None) -> None:
+    """Merge a YAML file of settings into dask.config (under ``mr:`` as in config/mr.yaml)."""
+    if not path:
+        return
+    import dask.config
+    import yaml
+
+    with open(path) as stream:
+        dask.config.update(dask.config.config, yaml.safe_load(stream) or {}, priority="new")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import distributed  # noqa: F401  (configures its loggers on import; quiet them afterwards)
+
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    load_config_file(args.config)
+    from mr.cluster import get_client
+
+    settings = resolve_service(args.queue, args.store, args.notices, args.data_dir, args.max_in_flight)
+    with get_client(args.scheduler, args.workers) as client:
+        listener = Listener(settings, client)
+        signal.signal(signal.SIGTERM, lambda *_: listener.stop.set())
+        signal.signal(signal.SIGINT, lambda *_: listener.stop.set())
+        log.info("listening on %s (state: %s)", settings.queue, settings.store)
+        handled = listener.run(once=args.once)
+    log.info("stopped after %d request(s)", handled)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The listener end to end: OversightML requests from the queue to published features, state and notices."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mr.synthetic import match_detections, planted_boxes, write_scene
+
+
+def osml_request(job_id: str, image: Path, outputs: list[dict], **extra) -> dict:
+    """A request in OversightML ModelRunner's message format."""
+    return {
+        "jobName": f"test-{job_id}",
+        "jobId": job_id,
+        "imageUrls": [str(image)],
+        "outputs": outputs,
+        "imageProcessor": {"name": "builtin", "type": "LOCAL"},
+        "imageProcessorTileSize": 512,
+        "imageProcessorTileOverlap": 64,
+        "imageProcessorTileFormat": "GTIFF",
+        "imageProcessorTileCompression": "NONE",
+        "featureProperties": [{"mission": "listener-test"}],
+        **extra,
+    }
+
+
+def mr_command(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
+    )
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    path = tmp_path_factory.mktemp("listen") / "scene.tif"
+    planted = write_scene(path, 1600, 1400, n_objects=70, seed=17)
+    return path, planted
+
+
+@pytest.fixture
+def embedded(tmp_path):
+    """Embedded mode: queue and state in one SQLite file, checkpoints beside it."""
+    database = f"sqlite:///{tmp_path / 'mr.db'}"
+    return {
+        "queue": database, "store": database, "data": tmp_path,
+        "args": ["--queue", database, "--store", database, "--data-dir", str(tmp_path), "--workers", "1"],
+    }
+
+
+def features_of(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["features"]
+
+
+def test_embedded_request_end_to_end(scene, embedded, tmp_path):
+    out = tmp_path / "found.geojson"
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps(osml_request("job-embedded", scene[0], [{"type": "File", "path": str(out)}])))
+    submitted = mr_command("mr", "submit", str(request), "--queue", embedded["queue"])
+    assert submitted.returncode == 0, submitted.stderr
+    listened = mr_command("mr.listen", "--once", *embedded["args"])
+    assert listened.returncode == 0, listened.stderr
+    assert "StatusMonitor update: SUCCESS job-embedded" in listened.stderr
+    features = features_of(out)
+    boxes = [f["properties"]["imageBBox"] for f in features]
+    assert match_detections(boxes, planted_boxes(scene[1])).recall >= 0.95
+    assert features[0]["properties"]["mission"] == "listener-test"
+    assert features[0]["properties"]["inferenceMetadata"]["jobId"] == "job-embedded"
+    shown = mr_command("mr", "status", "job-embedded", "--store", embedded["store"])
+    assert shown.returncode == 0 and json.loads(shown.stdout)["status"] == "SUCCESS"
+    assert json.loads(shown.stdout)["feature_count"] == len(features)
+
+
+def test_bad_messages_fail_with_their_reason_and_the_rest_go_on(scene, embedded, tmp_path):
+    from mr.queues import open_queue
+    from mr.state import open_store
+
+    queue = open_queue(embedded["queue"])
+    out = tmp_path / "good.geojson"
+    good = osml_request("job-good", scene[0], [{"type": "File", "path": str(out)}])
+    bad = {
+        "job-no-urls": {k: v for k, v in good.items() if k != "imageUrls"} | {"jobId": "job-no-urls"},
+        "job-bad-enum": good | {"jobId": "job-bad-enum", "imageProcessorTileFormat": "BMP"},
+        "job-bad-overlap": good | {"jobId": "job-bad-overlap", "imageProcessorTileOverlap": 600},
+        "job-missing-image": good | {"jobId": "job-missing-image", "imageUrls": [str(tmp_path / "nope.tif")]},
+        "job-bad-model": good | {"jobId": "job-bad-model", "imageProcessor": {"name": "/etc/passwd", "type": "LOCAL"}},
+    }
+    queue.send(b"{ not json")
+    for message in bad.values():
+        queue.send(json.dumps(message))
+    queue.send(json.dumps(good))
+    listened = mr_command("mr.listen", "--once", *embedded["args"])
+    assert listened.returncode == 0, listened.stderr
+    store = open_store(embedded["store"])
+    assert store.get_job("job-good").status.value == "SUCCESS" and features_of(out)
+    reasons = {
+        "job-no-urls": "imageUrls", "job-bad-enum": "imageProcessorTileFormat",
+        "job-bad-overlap": "imageProcessorTileOverlap", "job-missing-image": "nope.tif",
+        "job-bad-model": "imageProcessor.name",
+    }
+    for job_id, field in reasons.items():
+        record = store.get_job(job_id)
+        assert record.status.value == "FAILED", job_id
+        assert field in record.message, (job_id, record.message)
+    failed = [r for r in store.list_jobs(status="FAILED") if r.job_id.startswith("invalid-")]
+    assert len(failed) == 1 and "JSON" in failed[0].message.upper() or "json" in failed[0].message
+    assert queue.receive(max_messages=10, wait_seconds=0) == []
+
+
+def test_killed_listener_resumes_without_losing_or_duplicating(tmp_path, embedded):
+    """SIGKILL the listener mid-request, start it again: the request completes once, identical to a clean run."""
+    big = tmp_path / "big.tif"
+    planted = write_scene(big, 3000, 3000, n_objects=250, seed=23)
+    env = {"DASK_MR__SERVICE__VISIBILITY_TIMEOUT": "3", "DASK_MR__TILING__REGION_SIZE": "600"}
+    clean = tmp_path / "clean.geojson"
+    resumed = tmp_path / "resumed.geojson"
+    clean_db = f"sqlite:///{tmp_path / 'clean.db'}"
+    for job_id, out, database in (("job-clean", clean, clean_db), ("job-kill", resumed, embedded["queue"])):
+        request = tmp_path / f"{job_id}.json"
+        request.write_text(json.dumps(osml_request(job_id, big, [{"type": "File", "path": str(out)}])))
+        assert mr_command("mr", "submit", str(request), "--queue", database).returncode == 0
+    done = mr_command("mr.listen", "--once", "--queue", clean_db, "--store", clean_db, "--data-dir",
+                      str(tmp_path / "clean-data"), "--workers", "1", env=env)
+    assert done.returncode == 0, done.stderr
+    listener = subprocess.Popen(
+        [sys.executable, "-m", "mr.listen", *embedded["args"]], env={**os.environ, **env},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    work = Path(embedded["data"]) / "work" / "job-kill"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(work.rglob("*.parquet"))) < 3:
+        time.sleep(0.05)
+    checkpointed = len(list(work.rglob("*.parquet")))
+    os.killpg(listener.pid, signal.SIGKILL)
+    listener.wait()
+    assert checkpointed >= 3 and not resumed.exists(), "killed after some regions and before publishing"
+    time.sleep(3.5)  # the lease runs out: the message is delivered again
+    again = mr_command("mr.listen", "--once", *embedded["args"], env=env)
+    assert again.returncode == 0, again.stderr
+    first, second = features_of(clean), features_of(resumed)
+    key = lambda f: f["id"]  # noqa: E731
+    assert sorted(map(key, first)) == sorted(map(key, second)), "identical features, none lost or duplicated"
+    assert len({key(f) for f in second}) == len(second)
+    assert match_detections([f["properties"]["imageBBox"] for f in second], planted_boxes(planted)).recall >= 0.95
+
+
+def test_aws_request_end_to_end(scene, moto_server, client, tmp_path):
+    """SQS → listener → GeoJSON in S3, records in Kinesis, SUCCESS in DynamoDB, the SNS notice on a queue."""
+    import boto3
+
+    from mr.listen import Listener
+    from mr.queues.sqs import ensure_queue
+    from mr.service import ServiceSettings
+    from mr.state import open_store
+
+    sqs, s3, kinesis, sns = (boto3.client(name) for name in ("sqs", "s3", "kinesis", "sns"))
+    queue_url = ensure_queue("mr-e2e-requests", max_receives=3)
+    for bucket in ("mr-e2e-images", "mr-e2e-results"):
+        s3.create_bucket(Bucket=bucket)
+    s3.upload_file(str(scene[0]), "mr-e2e-images", "scenes/scene.tif")
+    kinesis.create_stream(StreamName="mr-e2e-features", ShardCount=1)
+    topic = sns.create_topic(Name="mr-e2e-status")["TopicArn"]
+    watch = sqs.create_queue(QueueName="mr-e2e-status-watch")["QueueUrl"]
+    watch_arn = sqs.get_queue_attributes(QueueUrl=watch, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=watch_arn)
+    request = osml_request(
+        "job-aws", Path("placeholder"),
+        [{"type": "S3", "bucket": "mr-e2e-results", "prefix": "out"},
+         {"type": "Kinesis", "stream": "mr-e2e-features", "batchSize": 100}],
+    ) | {"imageUrls": ["s3://mr-e2e-images/scenes/scene.tif"]}
+    sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps(request))
+    settings = ServiceSettings(
+        queue=queue_url, store="dynamodb://mr-e2e?create=true", notices=topic, work_dir=str(tmp_path / "work"),
+        max_in_flight=1, visibility_timeout=30, poll_seconds=0,
+    )
+    assert Listener(settings, client).run(once=True) == 1
+
+    body = s3.get_object(Bucket="mr-e2e-results", Key="out/job-aws.geojson")["Body"].read()
+    features = json.loads(body)["features"]
+    boxes = [f["properties"]["imageBBox"] for f in features]
+    assert match_detections(boxes, planted_boxes(scene[1])).recall >= 0.95
+    shard = kinesis.describe_stream(StreamName="mr-e2e-features")["StreamDescription"]["Shards"][0]["ShardId"]
+    iterator = kinesis.get_shard_iterator(
+        StreamName="mr-e2e-features", ShardId=shard, ShardIteratorType="TRIM_HORIZON"
+    )["ShardIterator"]
+    records = kinesis.get_records(ShardIterator=iterator, Limit=10_000)["Records"]
+    assert len(records) == len(features) and all(r["PartitionKey"] == "job-aws" for r in records)
+    assert json.loads(records[0]["Data"])["type"] == "FeatureCollection"
+    record = open_store(settings.store).get_job("job-aws")
+    assert record.status.value == "SUCCESS" and record.feature_count == len(features)
+    notices = sqs.receive_message(QueueUrl=watch, MaxNumberOfMessages=10, WaitTimeSeconds=1).get("Messages", [])
+    texts = [json.loads(m["Body"])["Message"] for m in notices]
+    assert any(t.startswith("StatusMonitor update: SUCCESS job-aws") for t in texts), texts
+    assert sqs.receive_message(QueueUrl=queue_url, WaitTimeSeconds=0).get("Messages") is None
