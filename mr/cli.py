@@ -1,4 +1,4 @@
-"""Command line: ``python -m mr run IMAGE --out FILE`` and ``python -m mr demo``."""
+"""Command line: ``python -m mr run | demo | submit | status`` (the listener is ``python -m mr.listen``)."""
 
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ def _dedup_options(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mr", description=__doc__)
+    parser.add_argument("--config", help="a YAML file of mr settings, laid out as config/mr.yaml")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="detect objects in an image and write the features")
     run.add_argument("image", help="image path or URL (GeoTIFF, COG, NITF, JPEG2000; local or s3://)")
@@ -156,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger("distributed").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
+    from mr import config
+
+    config.load_file(args.config)
     try:
         commands = {"run": command_run, "demo": command_demo, "submit": command_submit, "status": command_status}
         return commands[args.command](args)

@@ -33,3 +33,11 @@ _load_defaults()
 def get(key: str, override: Any = None) -> Any:
     """``override`` when given, else the configured value of ``mr.<key>``."""
     return dask.config.get(f"mr.{key}") if override is None else override
+
+
+def load_file(path: str | None) -> None:
+    """Merge a YAML file of settings (laid out as config/mr.yaml, under ``mr:``) over the current configuration."""
+    if not path:
+        return
+    with open(path) as stream:
+        dask.config.update(dask.config.config, yaml.safe_load(stream) or {}, priority="new")

@@ -18,6 +18,7 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
+from mr import config
 from mr.errors import MrError
 from mr.jobs import Interrupted, combined_output, process_images
 from mr.service import ServiceSettings, resolve_service
@@ -126,8 +127,8 @@ class Listener:
         def planned(url: str, result) -> None:
             grid, (_, height, width) = result.plan.grid, result.plan.image_shape
             record = self.store.update_job(
-                job_id, status="IN_PROGRESS", region_count=grid.region_count,
-                tile_count=result.plan.tile_count, width=width, height=height,
+                job_id, status="IN_PROGRESS", region_count=grid.region_count, tile_count=result.plan.tile_count,
+                width=width, height=height, extents=image_extents(result.georeference, width, height),
             )
             self.notifier.job_status(record, f"processing {url}")
 
@@ -161,6 +162,21 @@ class Listener:
         self.notifier.job_status(record, reason)
 
 
+def image_extents(georef, width: int, height: int) -> tuple[float, float, float, float] | None:
+    """The image's WGS84 bounds (west, south, east, north) from its edges, or None without a georeference."""
+    if georef is None or georef.kind is None:
+        return None
+    import numpy as np
+
+    from mr.geo import pixel_to_world
+
+    steps = np.linspace(0.0, 1.0, 17)
+    xs = np.concatenate([steps * width, np.full(17, float(width)), steps[::-1] * width, np.zeros(17)])
+    ys = np.concatenate([np.zeros(17), steps * height, np.full(17, float(height)), steps[::-1] * height])
+    lon, lat = pixel_to_world(georef, xs, ys)
+    return (float(np.nanmin(lon)), float(np.nanmin(lat)), float(np.nanmax(lon)), float(np.nanmax(lat)))
+
+
 def _settle(action, message) -> None:
     """Delete or extend a message; a lease that lapsed meanwhile is logged (the message comes back and, its job
     being finished, is then deleted without running again)."""
@@ -190,24 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_config_file(path: str | None) -> None:
-    """Merge a YAML file of settings into dask.config (under ``mr:`` as in config/mr.yaml)."""
-    if not path:
-        return
-    import dask.config
-    import yaml
-
-    with open(path) as stream:
-        dask.config.update(dask.config.config, yaml.safe_load(stream) or {}, priority="new")
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import distributed  # noqa: F401  (configures its loggers on import; quiet them afterwards)
 
     logging.getLogger("distributed").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
-    load_config_file(args.config)
+    config.load_file(args.config)
     from mr.cluster import get_client
 
     settings = resolve_service(args.queue, args.store, args.notices, args.data_dir, args.max_in_flight)

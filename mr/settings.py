@@ -35,13 +35,23 @@ def _pair(name: str, value: Any) -> tuple[int, int]:
     return pair  # type: ignore[return-value]
 
 
+def _oversightml_region_size() -> Any:
+    """OversightML's REGION_SIZE variable ("(10240, 10240)" or "10240"), when set and no explicit size is given."""
+    import os
+    import re
+
+    text = os.environ.get("REGION_SIZE", "")
+    numbers = [int(n) for n in re.findall(r"\d+", text)]
+    return tuple(numbers[:2]) if len(numbers) >= 2 else (numbers[0] if numbers else None)
+
+
 def resolve_tiling(
     tile_size: Any = None, overlap: Any = None, region_size: Any = None, strategy: Any = None
 ) -> TilingSettings:
     """Tiling options from arguments, falling back to ``mr.tiling.*``; sizes are checked against each other."""
     tile = _pair("tile_size", config.get("tiling.tile-size", tile_size))
     lap = _pair("overlap", config.get("tiling.overlap", overlap))
-    region = _pair("region_size", config.get("tiling.region-size", region_size))
+    region = _pair("region_size", config.get("tiling.region-size", region_size or _oversightml_region_size()))
     for t, o, r in zip(tile, lap, region):
         if t < 1:
             raise InvalidInputError("tile_size", tile_size, "must be a positive number of pixels")

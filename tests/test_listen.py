@@ -177,11 +177,13 @@ def test_aws_request_end_to_end(scene, moto_server, client, tmp_path):
          {"type": "Kinesis", "stream": "mr-e2e-features", "batchSize": 100}],
     ) | {"imageUrls": ["s3://mr-e2e-images/scenes/scene.tif"]}
     sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps(request))
+    no_bucket = request | {"jobId": "job-no-bucket", "outputs": [{"type": "S3", "bucket": "mr-e2e-missing"}]}
+    sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps(no_bucket))
     settings = ServiceSettings(
         queue=queue_url, store="dynamodb://mr-e2e?create=true", notices=topic, work_dir=str(tmp_path / "work"),
         max_in_flight=1, visibility_timeout=30, poll_seconds=0,
     )
-    assert Listener(settings, client).run(once=True) == 1
+    assert Listener(settings, client).run(once=True) == 2
 
     body = s3.get_object(Bucket="mr-e2e-results", Key="out/job-aws.geojson")["Body"].read()
     features = json.loads(body)["features"]
@@ -196,7 +198,41 @@ def test_aws_request_end_to_end(scene, moto_server, client, tmp_path):
     assert json.loads(records[0]["Data"])["type"] == "FeatureCollection"
     record = open_store(settings.store).get_job("job-aws")
     assert record.status.value == "SUCCESS" and record.feature_count == len(features)
+    failed = open_store(settings.store).get_job("job-no-bucket")
+    assert failed.status.value == "FAILED" and "mr-e2e-missing" in failed.message
     notices = sqs.receive_message(QueueUrl=watch, MaxNumberOfMessages=10, WaitTimeSeconds=1).get("Messages", [])
     texts = [json.loads(m["Body"])["Message"] for m in notices]
     assert any(t.startswith("StatusMonitor update: SUCCESS job-aws") for t in texts), texts
     assert sqs.receive_message(QueueUrl=queue_url, WaitTimeSeconds=0).get("Messages") is None
+
+
+def test_sigterm_stops_cleanly_and_leaves_the_request_for_later(tmp_path, embedded):
+    big = tmp_path / "big.tif"
+    write_scene(big, 3000, 3000, n_objects=200, seed=29)
+    out = tmp_path / "out.geojson"
+    request = tmp_path / "job.json"
+    request.write_text(json.dumps(osml_request("job-term", big, [{"type": "File", "path": str(out)}])))
+    assert mr_command("mr", "submit", str(request), "--queue", embedded["queue"]).returncode == 0
+    env = {"DASK_MR__SERVICE__VISIBILITY_TIMEOUT": "3", "DASK_MR__TILING__REGION_SIZE": "600"}
+    listener = subprocess.Popen(
+        [sys.executable, "-m", "mr.listen", *embedded["args"]], env={**os.environ, **env},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    work = Path(embedded["data"]) / "work" / "job-term"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(work.rglob("*.parquet")):
+        time.sleep(0.05)
+    listener.send_signal(signal.SIGTERM)
+    _, stderr = listener.communicate(timeout=60)
+    assert listener.returncode == 0, stderr
+    from mr.state import open_store
+
+    record = open_store(embedded["store"]).get_job("job-term")
+    if record.status.value != "SUCCESS":  # stopped mid-request: nothing published, the request waits
+        assert not out.exists() and record.status.value in ("STARTED", "IN_PROGRESS")
+        time.sleep(3.5)
+        again = mr_command("mr.listen", "--once", *embedded["args"], env=env)
+        assert again.returncode == 0, again.stderr
+    assert open_store(embedded["store"]).get_job("job-term").status.value == "SUCCESS"
+    features = features_of(out)
+    assert len({f["id"] for f in features}) == len(features) >= 190
