@@ -37,25 +37,42 @@ class ImageOutcome:
 
 
 def compute_with_keepalive(
-    result: DetectionResult, client, keepalive: Callable[[], None], stop: threading.Event, interval: float
+    result: DetectionResult,
+    client,
+    keepalive: Callable[[], None],
+    stop: threading.Event,
+    interval: float,
+    on_region: Callable[[int, int, FeatureTable], None] = lambda ry, rx, table: None,
 ) -> FeatureTable:
-    """Compute on the cluster, calling ``keepalive`` every ``interval`` seconds; give up if ``stop`` is set."""
+    """Compute on the cluster, calling ``keepalive`` every ``interval`` seconds and ``on_region`` as each region's
+    settled features arrive; give up (before anything is published) if ``stop`` is set."""
     from distributed import wait
 
     futures = client.compute([_Part(result, key) for key in result.built.part_keys])
+    part_of = dict(zip(futures, result.built.part_keys))
+    pending = set(futures)
     try:
-        while True:
+        while pending:
             try:
-                wait(futures, timeout=interval)
-                break
+                wait(list(pending), timeout=interval, return_when="FIRST_COMPLETED")
             except TimeoutError:  # still running: keep the lease, unless the service is stopping
                 if stop.is_set():
                     raise Interrupted("stopping: the request is left to be delivered again") from None
                 keepalive()
+                continue
+            for future in [f for f in pending if f.done()]:
+                pending.discard(future)
+                key = part_of[future]
+                if future.status == "finished" and _is_region(key):
+                    on_region(int(key[1]), int(key[2]), future.result())
         return FeatureTable.concat(client.gather(futures))
     finally:
         if stop.is_set():
             client.cancel(futures)
+
+
+def _is_region(key) -> bool:
+    return isinstance(key, tuple) and str(key[0]).startswith("settle-region-")
 
 
 def _tagged(table: FeatureTable, image_id: str) -> FeatureTable:
@@ -76,6 +93,7 @@ def process_images(
     stop: threading.Event | None = None,
     interval: float = 10.0,
     on_planned: Callable[[str, DetectionResult], None] = lambda url, result: None,
+    on_region: Callable[[str, int, int, FeatureTable], None] = lambda image_id, ry, rx, table: None,
 ) -> list[ImageOutcome]:
     """Detect in every image of a request; finished regions are checkpointed under ``work_dir``."""
     stop = stop or threading.Event()
@@ -86,7 +104,9 @@ def process_images(
         checkpoint = DirectoryCheckpoint(work_dir, job_id, image_id)
         result = detect(image, checkpoint=checkpoint, **{**detect_options, "job_id": job_id})
         on_planned(url, result)
-        table = compute_with_keepalive(result, client, keepalive, stop, interval)
+        table = compute_with_keepalive(
+            result, client, keepalive, stop, interval, lambda ry, rx, part: on_region(image_id, ry, rx, part)
+        )
         outcomes.append(ImageOutcome(image_id, url, _tagged(table, image_id), result))
     return outcomes
 

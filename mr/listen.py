@@ -132,19 +132,18 @@ class Listener:
             )
             self.notifier.job_status(record, f"processing {url}")
 
+        def region_done(image_id: str, ry: int, rx: int, part) -> None:
+            region = self.store.mark_region(job_id, f"{image_id}:r{ry}-c{rx}", "SUCCESS", features=len(part))
+            self.notifier.region_status(region, f"region r{ry}-c{rx} of {image_id}: {len(part)} features settled")
+
         outcomes = process_images(
             request.image_urls, request.detect_options(), self.client, self.settings.work_dir, job_id,
             keepalive=keepalive, stop=self.stop, interval=max(1.0, self.settings.visibility_timeout / 3),
-            on_planned=planned,
+            on_planned=planned, on_region=region_done,
         )
         if self.stop.is_set():
             raise Interrupted("stopping before publishing")
         table, meta = combined_output(outcomes, job_id)
-        for outcome in outcomes:
-            grid = outcome.result.plan.grid
-            for ry in range(grid.y.region_count):
-                for rx in range(grid.x.region_count):
-                    self.store.mark_region(job_id, f"{outcome.image_id}:r{ry}-c{rx}", "SUCCESS")
         locations = publish(table, meta, sinks)
         record = self.store.update_job(
             job_id, status="SUCCESS", feature_count=len(table), outputs=list(locations)
