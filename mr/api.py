@@ -39,6 +39,16 @@ class DetectionPlan:
         return self.grid.x.covered * self.grid.y.covered / 1e6
 
 
+def _active_client():
+    """The current ``distributed.Client``, if there is one."""
+    try:
+        from distributed import get_client
+
+        return get_client()
+    except (ImportError, ValueError):
+        return None
+
+
 def _no_optimization(dsk, keys, **kwargs):
     """The graph is built final: nothing to cull or fuse."""
     return dsk
@@ -74,11 +84,27 @@ class DetectionResult:
     __dask_scheduler__ = staticmethod(threaded_get)
     __dask_optimize__ = staticmethod(_no_optimization)
 
-    def compute(self, **kwargs: Any):
-        """The features as a GeoDataFrame (WGS84 geometry; pixel geometry in ``image_geometry``)."""
+    def compute(self, progress: bool = False, **kwargs: Any):
+        """The features as a GeoDataFrame (WGS84 geometry; pixel geometry in ``image_geometry``).
+
+        ``progress=True`` shows Dask's own progress bar: the distributed one (a widget in Jupyter) when a
+        ``distributed.Client`` is active, else ``dask.diagnostics.ProgressBar``.
+        """
         import dask
 
-        return dask.compute(self, **kwargs)[0]
+        if not progress:
+            return dask.compute(self, **kwargs)[0]
+        client = _active_client() if "scheduler" not in kwargs else None
+        if client is not None:
+            from distributed import progress as show_progress
+
+            future = client.compute(self)
+            show_progress(future)
+            return future.result()
+        from dask.diagnostics import ProgressBar
+
+        with ProgressBar():
+            return dask.compute(self, **kwargs)[0]
 
     def compute_table(self, **kwargs: Any) -> FeatureTable:
         """The features as a columnar `FeatureTable` (what sinks write from)."""
