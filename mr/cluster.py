@@ -11,10 +11,16 @@ log = logging.getLogger(__name__)
 
 
 def get_client(address: str | None = None, n_workers: int | None = None, **local: Any):
-    """Connect to ``address`` (or ``mr.cluster.address``); without one, start a LocalCluster on loopback."""
+    """A client for ``address`` (or ``mr.cluster.address``), else for a Dask Gateway cluster when
+    ``mr.cluster.gateway.address`` is set, else for a LocalCluster on loopback."""
     from distributed import Client, LocalCluster
 
     address = config.get("cluster.address", address)
+    gateway = None if address else _gateway_settings()
+    if gateway is not None:
+        from mr.gateway import gateway_client
+
+        return gateway_client(gateway)
     if address:
         client = Client(address)
     else:
@@ -30,3 +36,9 @@ def get_client(address: str | None = None, n_workers: int | None = None, **local
     if client.dashboard_link:
         log.info("Dask dashboard: %s", client.dashboard_link)
     return client
+
+
+def _gateway_settings():
+    from mr.gateway import resolve_gateway
+
+    return resolve_gateway()
