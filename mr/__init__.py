@@ -26,6 +26,8 @@ _EXPORTS = {
     "detect": "mr.api",
     "get_client": "mr.cluster",
     "open_image": "mr.imagery",
+    "segment": "mr.raster",
+    "write_zarr": "mr.raster",
     "tile_grid": "mr.tiling",
 }
 

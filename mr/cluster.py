@@ -29,10 +29,12 @@ def get_client(address: str | None = None, n_workers: int | None = None, **local
             "threads_per_worker": config.get("cluster.threads-per-worker", local.pop("threads_per_worker", None)),
             "processes": config.get("cluster.processes", local.pop("processes", None)),
             "dashboard_address": config.get("cluster.dashboard-address", local.pop("dashboard_address", None)),
-            "host": "127.0.0.1",
             **local,
         }
-        client = Client(LocalCluster(**{k: v for k, v in options.items() if v is not None}))
+        options = {k: v for k, v in options.items() if v is not None}
+        if options.get("processes", True):
+            options.setdefault("host", "127.0.0.1")  # loopback only (threads-only clusters talk in-process)
+        client = Client(LocalCluster(**options))
     if client.dashboard_link:
         log.info("Dask dashboard: %s", client.dashboard_link)
     return client

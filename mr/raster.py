@@ -17,9 +17,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -167,7 +169,7 @@ def segment_array(image: xr.DataArray, job: SegmentJob) -> da.Array:
 
 
 def segment(
-    image: "xr.DataArray | str | os.PathLike",
+    image: xr.DataArray | str | os.PathLike,
     model: Callable[[np.ndarray], Any],
     *,
     tile_size: Any = None,
@@ -243,7 +245,7 @@ def _like_image(data: da.Array, image: xr.DataArray, model_name: str) -> xr.Data
     return out
 
 
-def write_zarr(array: xr.DataArray, store: "str | os.PathLike", *, overwrite: bool = False) -> str:
+def write_zarr(array: xr.DataArray, store: str | os.PathLike, *, overwrite: bool = False) -> str:
     """Compute ``array`` into a Zarr store that rioxarray reads back georeferenced; completely or not at all.
 
     A local path is written to a temporary store beside it and renamed into place (an existing store is only
@@ -272,7 +274,9 @@ def write_zarr(array: xr.DataArray, store: "str | os.PathLike", *, overwrite: bo
 
 def _write(array: xr.DataArray, store: str, mode: str, target: str) -> str:
     try:
-        array.to_dataset().to_zarr(store, mode=mode)
+        with warnings.catch_warnings():  # zarr 3 warns that consolidated metadata is an extension; xarray reads it
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            array.to_dataset().to_zarr(store, mode=mode)
     except Exception as error:
         raise SinkError(f"could not write the Zarr store {target}: {error}") from error
     return store
