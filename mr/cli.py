@@ -29,6 +29,7 @@ def _tiling_options(parser: argparse.ArgumentParser) -> None:
     cluster.add_argument("--workers", type=int, help="local worker processes (default: one per core)")
     cluster.add_argument("--scheduler", help="address of a running Dask scheduler instead of a local cluster")
     parser.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+    parser.add_argument("--quicklook", help="also write a PNG of the image with the features drawn on it")
 
 
 def _dedup_options(args: argparse.Namespace) -> dict:
@@ -125,7 +126,37 @@ def _run(image: str, out: str | Path, args: argparse.Namespace):
 def command_run(args: argparse.Namespace) -> int:
     _, summary = _run(args.image, args.out, args)
     print(summary.paragraph())
+    _quicklook(args.image, args.out, args.quicklook)
     return 0
+
+
+def _quicklook(image: str, features_path: str | Path, png: str | None) -> None:
+    """Draw the written features on a down-sampled view of the image (never read whole)."""
+    if not png:
+        return
+    import geopandas as gpd
+
+    from mr.quicklook import save_quicklook
+
+    path = Path(features_path)
+    features = gpd.read_parquet(path) if path.suffix.lower() in (".parquet", ".geoparquet") else _boxes_frame(path)
+    print(f"Quick-look: {save_quicklook(image, features, png)}")
+
+
+def _boxes_frame(geojson: Path):
+    """The pixel boxes and labels of a written GeoJSON file, as the columns quick-looks draw from."""
+    import json
+
+    import pandas as pd
+
+    with open(geojson) as stream:
+        features = json.load(stream)["features"]
+    rows = [
+        dict(zip(("image_x0", "image_y0", "image_x1", "image_y1"), f["properties"]["imageBBox"]),
+             label=f["properties"]["featureClasses"][0]["iri"], score=f["properties"]["featureClasses"][0]["score"])
+        for f in features
+    ]
+    return pd.DataFrame(rows, columns=["image_x0", "image_y0", "image_x1", "image_y1", "label", "score"])
 
 
 def command_demo(args: argparse.Namespace) -> int:
@@ -148,6 +179,7 @@ def command_demo(args: argparse.Namespace) -> int:
     boxes = np.array([f["properties"]["imageBBox"] for f in features], dtype=float).reshape(-1, 4)
     match = match_detections(boxes, planted_boxes(planted))
     print(f"Against the {len(planted)} planted objects: recall {match.recall:.3f}, precision {match.precision:.3f}.")
+    _quicklook(str(scene), out, args.quicklook)
     return 0
 
 

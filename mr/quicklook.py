@@ -22,11 +22,29 @@ import xarray as xr
 from mr.api import as_image
 from mr.errors import ImageOpenError, InvalidInputError
 from mr.imagery import image_reader
-from mr.reader import RasterReader, _one_line
+from mr.reader import CPLE_BaseError, RasterReader, _one_line
 
 PALETTE = (
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
-    "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5",
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+    "#aec7e8",
+    "#ffbb78",
+    "#98df8a",
+    "#ff9896",
+    "#c5b0d5",
+    "#c49c94",
+    "#f7b6d2",
+    "#c7c7c7",
+    "#dbdb8d",
+    "#9edae5",
 )
 """Class colours (matplotlib's tab10, then tab20's light tones), shared by the PNG and the map; cycled past 20."""
 BOX_COLUMNS = ("image_x0", "image_y0", "image_x1", "image_y1")
@@ -85,23 +103,29 @@ def _read_reduced(reader: RasterReader, count: int, out_shape: tuple[int, int]) 
     from rasterio.enums import Resampling
 
     try:
-        with reader.env.activate(), rasterio.Env(GTIFF_DIRECT_IO="YES"):
-            with rasterio.open(reader.path, sharing=False) as ds:
-                has_overviews = bool(ds.overviews(reader.bands[0]))
-                direct = ds.driver == "GTiff" and ds.compression is None
-                if not (has_overviews or direct) and reader.height * reader.width > FULL_READ_WARN_PIXELS:
-                    warnings.warn(_full_read_advice(reader), MissingOverviewsWarning, stacklevel=4)
-                resampling = Resampling.average if has_overviews else Resampling.nearest
-                return ds.read(indexes=list(reader.bands[:count]), out_shape=(count, *out_shape), resampling=resampling)
-    except rasterio.errors.RasterioError as e:
+        with (
+            reader.env.activate(),
+            rasterio.Env(GTIFF_DIRECT_IO="YES", GDAL_CACHEMAX=_cache_bytes()),
+            rasterio.open(reader.path, sharing=False) as ds,
+        ):
+            has_overviews = bool(ds.overviews(reader.bands[0]))
+            direct = ds.driver == "GTiff" and ds.compression is None
+            if not (has_overviews or direct) and reader.height * reader.width > FULL_READ_WARN_PIXELS:
+                advice = f"build them once: `gdaladdo -r average {reader.path}` or `rio overview --build 2^1..8 ...`"
+                message = f"{reader.url} has no overviews, so GDAL decodes it whole; {advice}"
+                warnings.warn(message, MissingOverviewsWarning, stacklevel=3)
+            resampling = Resampling.average if has_overviews else Resampling.nearest
+            return ds.read(indexes=list(reader.bands[:count]), out_shape=(count, *out_shape), resampling=resampling)
+    except (rasterio.errors.RasterioError, CPLE_BaseError) as e:
         raise ImageOpenError(reader.url, f"reading a reduced view failed: {_one_line(e)}") from e
 
 
-def _full_read_advice(reader: RasterReader) -> str:
-    return (
-        f"{reader.url} has no overviews: GDAL decodes all {reader.width}x{reader.height} pixels to reduce it. "
-        f"Build them once (`gdaladdo -r average {reader.path}` or `rio overview --build 2^1..8 {reader.path}`)."
-    )
+def _cache_bytes() -> int:
+    """mr's GDAL block cache in bytes: rasterio takes an int GDAL_CACHEMAX as bytes, not megabytes, and GDAL's
+    decimated reads revisit each block once per sampled row, so a cache smaller than a block row is very slow."""
+    from mr import config
+
+    return int(config.get("imagery.gdal-cache-mb")) * 2**20
 
 
 def _strided(image: xr.DataArray, count: int, step: int) -> np.ndarray:
@@ -153,7 +177,11 @@ def _image_name(image: xr.DataArray) -> str:
 
 
 def quicklook(
-    image: xr.DataArray | str | os.PathLike, features: Any, *, ax: Any = None, max_size: int = 1024,
+    image: xr.DataArray | str | os.PathLike,
+    features: Any,
+    *,
+    ax: Any = None,
+    max_size: int = 1024,
     color_by: str = "label",
 ) -> Any:
     """A matplotlib Figure: the overview of ``image`` with each feature's pixel box, coloured by ``color_by``.
@@ -213,7 +241,7 @@ def save_quicklook(image: xr.DataArray | str | os.PathLike, features: Any, path:
 
 
 def image_footprint(image: xr.DataArray, points_per_side: int = 16) -> shapely.Polygon | None:
-    """The image outline in WGS84 (each side densified, so RPC/GCP images keep their shape); None if not georeferenced."""
+    """The image outline in WGS84, each side densified (RPC/GCP images keep their shape); None without georeference."""
     from mr.geo import pixel_to_world
 
     georef = image.attrs.get("georeference")
@@ -228,47 +256,61 @@ def image_footprint(image: xr.DataArray, points_per_side: int = 16) -> shapely.P
     return shapely.Polygon(np.column_stack([lon[keep], lat[keep]])) if keep.sum() >= 3 else None
 
 
-def explore(features: Any, image: xr.DataArray | str | os.PathLike | None = None, *, color_by: str = "label",
-            tiles: str = "OpenStreetMap") -> Any:
+def explore(
+    features: Any,
+    image: xr.DataArray | str | os.PathLike | None = None,
+    *,
+    color_by: str = "label",
+    tiles: str = "OpenStreetMap",
+) -> Any:
     """A folium Map of the WGS84 features (tooltips: label, score), with the image footprint when ``image`` is given."""
     try:
         import folium
     except ImportError as e:
         raise ImportError("mr.quicklook.explore needs folium: pip install folium") from e
-    footprint = image_footprint(as_image(image)) if image is not None else None
     frame = _mappable(features, color_by)
+    footprint = image_footprint(as_image(image)) if image is not None else None
     if len(features) and frame.empty and footprint is None:
-        raise InvalidInputError("features", f"{len(features)} rows", "none has a world geometry (the image is "
-                                "not georeferenced); use quicklook(image, features) for a pixel view")
+        reason = "none has a world geometry (image not georeferenced); use quicklook(image, features) instead"
+        raise InvalidInputError("features", f"{len(features)} rows", reason)
     m = folium.Map(tiles=tiles, control_scale=True)
+    outline = {"color": "#000000", "weight": 2, "dashArray": "6", "fill": False}
     if footprint is not None:
-        folium.GeoJson(shapely.geometry.mapping(footprint), name="image footprint",
-                       style_function=lambda _: {"color": "#ffffff", "weight": 2, "dashArray": "6", "fill": False}).add_to(m)
+        shape = shapely.geometry.mapping(footprint)
+        folium.GeoJson(shape, name="image footprint", style_function=lambda _: outline).add_to(m)
     if not frame.empty:
-        fields = [c for c in ("label", "score", color_by) if c in frame.columns and c != "_colour"]
-        folium.GeoJson(frame.to_json(), name="features", tooltip=folium.GeoJsonTooltip(fields=list(dict.fromkeys(fields))),
-                       style_function=lambda f: {"color": f["properties"]["_colour"], "weight": 2, "fillOpacity": 0.1}).add_to(m)
-    bounds = [g.bounds for g in ([footprint] if footprint is not None else []) + ([frame.union_all()] if not frame.empty else [])]
-    if bounds:
-        b = np.array(bounds)
-        m.fit_bounds([[b[:, 1].min(), b[:, 0].min()], [b[:, 3].max(), b[:, 2].max()]])
+        fields = list(dict.fromkeys(c for c in ("label", "score", color_by) if c in frame.columns))
+        style = {"weight": 2, "fillOpacity": 0.1}
+        folium.GeoJson(
+            frame.to_json(),
+            name="features",
+            tooltip=folium.GeoJsonTooltip(fields=fields),
+            style_function=lambda f: {**style, "color": f["properties"]["_colour"]},
+        ).add_to(m)
+    shown = ([footprint.bounds] if footprint is not None else []) + ([frame.total_bounds] if not frame.empty else [])
+    if shown:
+        x0, y0, x1, y1 = (*np.min(shown, axis=0)[:2], *np.max(shown, axis=0)[2:])
+        m.fit_bounds([[y0, x0], [y1, x1]])
     folium.LayerControl().add_to(m)
     return m
 
 
 def _mappable(features: Any, color_by: str) -> Any:
-    """The features with a world geometry, plain columns only (no second geometry column), and a ``_colour``."""
+    """The features that have a world geometry, without other geometry columns, with a ``_colour`` column."""
+    if not hasattr(features, "geometry"):
+        raise InvalidInputError("features", type(features).__name__, "pass the computed GeoDataFrame of features")
     frame = features[features.geometry.notna() & ~features.geometry.is_empty]
-    keep = [c for c in frame.columns if c == frame.geometry.name or str(frame[c].dtype) != "geometry"]
-    frame = frame[keep].copy()
+    frame = frame[[c for c in frame.columns if c == frame.geometry.name or str(frame[c].dtype) != "geometry"]].copy()
     values = frame[color_by] if color_by in frame.columns else None
-    if values is not None and _is_numeric(values) and len(frame):
+    if values is None or not len(frame):
+        frame["_colour"] = PALETTE[0]
+    elif _is_numeric(values):
         import branca.colormap
 
         lo, hi = float(values.min()), float(values.max())
         colormap = branca.colormap.linear.viridis.scale(lo, hi if hi > lo else lo + 1.0)
         frame["_colour"] = [colormap.rgb_hex_str(float(v)) for v in values]
     else:
-        colours = class_colours(values if values is not None else ["feature"])
-        frame["_colour"] = [colours[str(v)] for v in values] if values is not None else PALETTE[0]
+        colours = class_colours(values)
+        frame["_colour"] = [colours[str(v)] for v in values]
     return frame

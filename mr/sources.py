@@ -123,7 +123,7 @@ def _cache_option() -> tuple[tuple[str, str], ...]:
     neighbouring windows is all that helps."""
     from mr import config
 
-    return (("GDAL_CACHEMAX", int(config.get("imagery.gdal-cache-mb"))),)  # rasterio wants an int here
+    return (("GDAL_CACHEMAX", int(config.get("imagery.gdal-cache-mb")) * 2**20),)  # bytes, as rasterio passes ints
 
 
 def _s3_env(endpoint_url: str | None) -> GdalEnv:

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import rasterio
+import shapely
 import xarray as xr
 
 import mr
@@ -146,8 +147,12 @@ def test_quicklook_takes_boxes_from_image_geometry_alone(scene):
 
 def test_quicklook_with_no_features_and_with_thousands(scene):
     image, features = scene
-    empty = ql.quicklook(image, features.iloc[:0], max_size=256)
-    assert len(empty.axes[0].collections[0].get_segments()) == 0 and "0 features" in empty.axes[0].get_title()
+    from matplotlib.figure import Figure
+
+    ax = Figure().add_subplot()
+    empty = ql.quicklook(image, features.iloc[:0], ax=ax, max_size=256)
+    assert empty is ax.figure and ax.get_legend() is None
+    assert len(ax.collections[0].get_segments()) == 0 and "0 features" in ax.get_title()
     rng = np.random.default_rng(0)
     x0, y0 = rng.uniform(0, 2000, 5000), rng.uniform(0, 1000, 5000)
     many = pd.DataFrame({"image_x0": x0, "image_y0": y0, "image_x1": x0 + 20, "image_y1": y0 + 10,
@@ -181,7 +186,9 @@ def test_explore_maps_the_features_and_the_footprint(scene):
     lon, lat = features.geometry.iloc[0].exterior.coords[0]
     assert str(lon) in html and str(lat) in html
     footprint = ql.image_footprint(image)
-    assert footprint.contains(features.geometry.union_all())
+    assert footprint.contains(shapely.union_all(features.geometry.to_numpy()))
+    x0, y0, x1, y1 = footprint.bounds
+    assert f"[[{y0}, {x0}], [{y1}, {x1}]]" in html  # the view fits the image
     assert str(footprint.exterior.coords[0][0]) in html
     assert "image footprint" in html and "bright-object" in html
 
