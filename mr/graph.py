@@ -83,20 +83,20 @@ def _run_region(read, job: RegionJob, ry: int, rx: int) -> np.ndarray:
     return _boxed(result)
 
 
-def _run_block(block: np.ndarray, job: RegionJob, block_info: dict | None = None) -> np.ndarray:
-    """map_blocks kernel over overlapped blocks: the region's place comes from the block's location."""
+def _read_then(kernel, reader, grid: TileGrid, job, ry: int, rx: int):
+    """One region task over a file: the kernel reads the region's window (overlap included) when it needs it."""
+    (y0, y1), (x0, x1) = block_span(grid.y, grid.y_offset, ry), block_span(grid.x, grid.x_offset, rx)
+    return kernel(lambda: reader[:, y0:y1, x0:x1], job, ry, rx)
+
+
+def _block_then(block: np.ndarray, kernel, job, block_info: dict | None = None):
+    """map_blocks wrapper over overlapped blocks: the region's place comes from the block's location."""
     _, ry, rx = block_info[0]["chunk-location"]
-    return _run_region(lambda: block, job, ry, rx)
+    return kernel(lambda: block, job, ry, rx)
 
 
-def _read_and_run(reader, job: RegionJob, ry: int, rx: int) -> np.ndarray:
-    """One region task over a file: read the region's window (overlap included), then run it."""
-    (y0, y1), (x0, x1) = block_span(job.grid.y, job.grid.y_offset, ry), block_span(job.grid.x, job.grid.x_offset, rx)
-    return _run_region(lambda: reader[:, y0:y1, x0:x1], job, ry, rx)
-
-
-def region_results(image, job: RegionJob) -> da.Array:
-    """One task per region: an object array (regions y, regions x) of `RegionResult`.
+def region_tasks(image, grid: TileGrid, kernel, job, *, prefix: str, chunks: tuple, meta, drop_band: bool = False):
+    """One task per region running ``kernel(read, job, ry, rx)``, where ``read()`` gives the region block.
 
     An untouched `mr.open_image` result is read window by window inside the region tasks themselves: one read
     per region, no pixel block held between tasks or sent between workers. Any other array is cropped, chunked
@@ -104,14 +104,12 @@ def region_results(image, job: RegionJob) -> da.Array:
     """
     from mr.imagery import image_reader
 
-    grid = job.grid
-    chunks = ((1,) * grid.y.region_count, (1,) * grid.x.region_count)
-    meta = np.empty((0, 0), dtype=object)
     reader = image_reader(image)
     if reader is not None:
-        name = f"infer-region-{tokenize(reader, job)}"
+        name = f"{prefix}-{tokenize(reader, job)}"
+        lead = () if drop_band else (0,)
         layer = {
-            (name, ry, rx): (_read_and_run, reader, job, ry, rx)
+            (name, *lead, ry, rx): (_read_then, kernel, reader, grid, job, ry, rx)
             for ry in range(grid.y.region_count)
             for rx in range(grid.x.region_count)
         }
@@ -119,15 +117,17 @@ def region_results(image, job: RegionJob) -> da.Array:
         return da.Array(graph, name, chunks, meta=meta)
     blocks = overlapped_blocks(image, grid)
     return da.map_blocks(
-        _run_block,
-        blocks,
-        drop_axis=0,
-        chunks=chunks,
-        dtype=object,
-        meta=meta,
-        name=f"infer-region-{tokenize(blocks.name, job)}",
-        job=job,
+        _block_then, blocks, chunks=chunks, meta=meta, name=f"{prefix}-{tokenize(blocks.name, job)}",
+        kernel=kernel, job=job, **({"drop_axis": 0} if drop_band else {}),
     )
+
+
+def region_results(image, job: RegionJob) -> da.Array:
+    """One detection task per region: an object array (regions y, regions x) of `RegionResult`."""
+    grid = job.grid
+    chunks = ((1,) * grid.y.region_count, (1,) * grid.x.region_count)
+    meta = np.empty((0, 0), dtype=object)
+    return region_tasks(image, grid, _run_region, job, prefix="infer-region", chunks=chunks, meta=meta, drop_band=True)
 
 
 def _settled(cell: np.ndarray, georef: Georeference | None) -> FeatureTable:

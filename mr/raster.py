@@ -26,8 +26,6 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import xarray as xr
-from dask.base import tokenize
-from dask.highlevelgraph import HighLevelGraph
 
 from mr import config
 from mr.errors import InvalidInputError, ModelError, SinkError
@@ -126,18 +124,9 @@ def segment_block(block: np.ndarray, job: SegmentJob, ry: int, rx: int) -> np.nd
     return out
 
 
-def _block_kernel(block: np.ndarray, job: SegmentJob, block_info: dict | None = None) -> np.ndarray:
-    """map_blocks kernel over overlapped region blocks: the region's place comes from the block's location."""
-    _, ry, rx = block_info[0]["chunk-location"]
-    return segment_block(block, job, ry, rx)
-
-
-def _read_and_segment(reader, job: SegmentJob, ry: int, rx: int) -> np.ndarray:
-    """One region task over a file: read the region's window (overlap included), then run it."""
-    from mr.graph import block_span
-
-    (y0, y1), (x0, x1) = block_span(job.grid.y, 0, ry), block_span(job.grid.x, 0, rx)
-    return segment_block(reader[:, y0:y1, x0:x1], job, ry, rx)
+def _segment_kernel(read, job: SegmentJob, ry: int, rx: int) -> np.ndarray:
+    """The region task's work: its block (read when needed) through the model, trimmed to what its tiles own."""
+    return segment_block(read(), job, ry, rx)
 
 
 def segment_array(image: xr.DataArray, job: SegmentJob) -> da.Array:
@@ -146,26 +135,12 @@ def segment_array(image: xr.DataArray, job: SegmentJob) -> da.Array:
     An untouched `mr.open_image` result is read window by window inside the region tasks; any other array is
     chunked by regions and given its overlap by dask (`mr.graph.overlapped_blocks`), then ``map_blocks``.
     """
-    from mr.graph import overlapped_blocks
-    from mr.imagery import image_reader
+    from mr.graph import region_tasks
 
     grid = job.grid
     chunks = ((job.model.bands_out,), output_chunks(grid.y), output_chunks(grid.x))
     meta = np.empty((0, 0, 0), dtype=job.dtype)
-    reader = image_reader(image)
-    if reader is not None:
-        name = f"segment-region-{tokenize(reader, job)}"
-        layer = {
-            (name, 0, ry, rx): (_read_and_segment, reader, job, ry, rx)
-            for ry in range(grid.y.region_count)
-            for rx in range(grid.x.region_count)
-        }
-        graph = HighLevelGraph.from_collections(name, layer, dependencies=())
-        return da.Array(graph, name, chunks, meta=meta)
-    blocks = overlapped_blocks(image, grid)
-    return da.map_blocks(
-        _block_kernel, blocks, chunks=chunks, meta=meta, name=f"segment-region-{tokenize(blocks.name, job)}", job=job
-    )
+    return region_tasks(image, grid, _segment_kernel, job, prefix="segment-region", chunks=chunks, meta=meta)
 
 
 def segment(
