@@ -236,3 +236,25 @@ def test_sigterm_stops_cleanly_and_leaves_the_request_for_later(tmp_path, embedd
     assert open_store(embedded["store"]).get_job("job-term").status.value == "SUCCESS"
     features = features_of(out)
     assert len({f["id"] for f in features}) == len(features) >= 190
+
+
+def test_every_image_of_a_request_is_processed(scene, embedded, tmp_path):
+    second = tmp_path / "second.tif"
+    planted = write_scene(second, 900, 800, n_objects=25, seed=31)
+    out = tmp_path / "both.geojson"
+    request = osml_request("job-two", scene[0], [{"type": "File", "path": str(out)}])
+    request["imageUrls"].append(str(second))
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps(request))
+    assert mr_command("mr", "submit", str(path), "--queue", embedded["queue"]).returncode == 0
+    listened = mr_command("mr.listen", "--once", *embedded["args"])
+    assert listened.returncode == 0, listened.stderr
+    features = features_of(out)
+    by_image: dict[str, list] = {}
+    for feature in features:
+        by_image.setdefault(feature["properties"]["imageId"], []).append(feature["properties"]["imageBBox"])
+    assert len(by_image) == 2
+    counts = sorted(len(boxes) for boxes in by_image.values())
+    assert counts[0] >= 24 and counts[1] >= 67
+    small = min(by_image.values(), key=len)
+    assert match_detections(small, planted_boxes(planted)).recall >= 0.95
