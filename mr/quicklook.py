@@ -20,9 +20,9 @@ import shapely
 import xarray as xr
 
 from mr.api import as_image
-from mr.errors import ImageOpenError, InvalidInputError
+from mr.errors import InvalidInputError
 from mr.imagery import image_reader
-from mr.reader import CPLE_BaseError, RasterReader, _one_line
+from mr.reader import RasterReader
 
 PALETTE = (
     "#1f77b4",
@@ -94,38 +94,15 @@ def class_colours(values: Any) -> dict[str, str]:
 
 
 def _read_reduced(reader: RasterReader, count: int, out_shape: tuple[int, int]) -> np.ndarray:
-    """The first ``count`` bands at ``out_shape`` straight from the file (GDAL picks the nearest overview).
-
-    GTIFF_DIRECT_IO makes GDAL read only the sampled pixels of an uncompressed GeoTIFF that has no overviews,
-    instead of every block. (The one rasterio read outside mr.imagery/mr.reader: it belongs in RasterReader.)
-    """
-    import rasterio
-    from rasterio.enums import Resampling
-
-    try:
-        with (
-            reader.env.activate(),
-            rasterio.Env(GTIFF_DIRECT_IO="YES", GDAL_CACHEMAX=_cache_bytes()),
-            rasterio.open(reader.path, sharing=False) as ds,
-        ):
-            has_overviews = bool(ds.overviews(reader.bands[0]))
-            direct = ds.driver == "GTiff" and ds.compression is None
-            if not (has_overviews or direct) and reader.height * reader.width > FULL_READ_WARN_PIXELS:
-                advice = f"build them once: `gdaladdo -r average {reader.path}` or `rio overview --build 2^1..8 ...`"
-                message = f"{reader.url} has no overviews, so GDAL decodes it whole; {advice}"
-                warnings.warn(message, MissingOverviewsWarning, stacklevel=3)
-            resampling = Resampling.average if has_overviews else Resampling.nearest
-            return ds.read(indexes=list(reader.bands[:count]), out_shape=(count, *out_shape), resampling=resampling)
-    except (rasterio.errors.RasterioError, CPLE_BaseError) as e:
-        raise ImageOpenError(reader.url, f"reading a reduced view failed: {_one_line(e)}") from e
-
-
-def _cache_bytes() -> int:
-    """mr's GDAL block cache in bytes: rasterio takes an int GDAL_CACHEMAX as bytes, not megabytes, and GDAL's
-    decimated reads revisit each block once per sampled row, so a cache smaller than a block row is very slow."""
-    from mr import config
-
-    return int(config.get("imagery.gdal-cache-mb")) * 2**20
+    """The first ``count`` bands at ``out_shape`` (the reader picks the file's nearest overview), warning when the
+    file has none and is big enough that GDAL must decode it whole."""
+    data, decoded_whole = reader.read_reduced(count, out_shape)
+    if decoded_whole and reader.height * reader.width > FULL_READ_WARN_PIXELS:
+        advice = f"build them once: `gdaladdo -r average {reader.path}` or `rio overview --build 2^1..8 ...`"
+        warnings.warn(
+            f"{reader.url} has no overviews, so GDAL decodes it whole; {advice}", MissingOverviewsWarning, stacklevel=3
+        )
+    return data
 
 
 def _strided(image: xr.DataArray, count: int, step: int) -> np.ndarray:

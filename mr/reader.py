@@ -119,15 +119,35 @@ class RasterReader:
     def __getitem__(self, key: object) -> np.ndarray:
         """Read the pixels ``key`` selects (ints and slices per axis)."""
         key = _expand_key(key, 3)
-        (bands, drop_b), (rows, drop_y), (cols, drop_x) = (
-            _axis_range(k, n) for k, n in zip(key, self.shape)
-        )
+        (bands, drop_b), (rows, drop_y), (cols, drop_x) = (_axis_range(k, n) for k, n in zip(key, self.shape))
         if not (len(bands) and len(rows) and len(cols)):
             data = np.empty((len(bands), len(rows), len(cols)), self.dtype)
         else:
             data = self._read(bands, rows, cols)
         drop = tuple(0 if d else slice(None) for d in (drop_b, drop_y, drop_x))
         return data[drop]
+
+    def read_reduced(self, count: int, out_shape: tuple[int, int]) -> tuple[np.ndarray, bool]:
+        """The first ``count`` bands of the whole image at ``out_shape``, and whether GDAL had to decode it whole.
+
+        GDAL reads from the nearest overview when the file has them (average resampling); for an uncompressed
+        GeoTIFF without overviews GTIFF_DIRECT_IO reads only the sampled pixels; otherwise every block is decoded.
+        """
+        from rasterio.enums import Resampling
+
+        try:
+            with (
+                self.env.activate(),
+                rasterio.Env(GTIFF_DIRECT_IO="YES"),
+                rasterio.open(self.path, sharing=False) as ds,
+            ):
+                has_overviews = bool(ds.overviews(self.bands[0]))
+                direct = ds.driver == "GTiff" and ds.compression is None
+                resampling = Resampling.average if has_overviews else Resampling.nearest
+                data = ds.read(indexes=list(self.bands[:count]), out_shape=(count, *out_shape), resampling=resampling)
+                return data, not (has_overviews or direct)
+        except (rasterio.errors.RasterioError, CPLE_BaseError) as e:
+            raise ImageOpenError(self.url, f"reading a reduced view failed: {_one_line(e)}") from e
 
     def _read(self, bands: range, rows: range, cols: range) -> np.ndarray:
         """Read the window spanning ``rows`` x ``cols`` for ``bands``, then pick strided selections."""
@@ -146,9 +166,6 @@ class RasterReader:
         if cols.step != 1:
             data = data[:, :, _local_selection(cols)]
         return data
-
-
-
 
 
 def _one_line(e: BaseException) -> str:
