@@ -150,7 +150,15 @@ class _Part:
 
 
 def _to_frame(parts: list, metadata: OutputMetadata):
-    return to_geodataframe(FeatureTable.concat(parts), metadata)
+    table = FeatureTable.concat(parts)
+    frame = to_geodataframe(table, metadata)
+    frame.attrs["failed_tiles"] = list(table.failed_tiles)
+    if table.failed_tiles:
+        warnings.warn(
+            f"{len(table.failed_tiles)} tile(s) failed and their features are missing: see frame.attrs['failed_tiles']",
+            stacklevel=2,
+        )
+    return frame
 
 
 def _rebuild(graph, result: DetectionResult, rename=None) -> DetectionResult:

@@ -8,6 +8,7 @@ temporary name and renamed into place, so a checkpoint is whole or absent.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -92,7 +93,11 @@ def result_to_table(result: RegionResult) -> pa.Table:
     """Settled and pending rows in one Arrow table; counters in the schema metadata."""
     tables = [_detections_table(result.settled, "settled"), _detections_table(result.pending, "pending")]
     table = pa.concat_tables(tables, promote_options="permissive")
-    meta = {b"tiles": str(result.tiles).encode(), b"model_seconds": repr(result.model_seconds).encode()}
+    meta = {
+        b"tiles": str(result.tiles).encode(),
+        b"model_seconds": repr(result.model_seconds).encode(),
+        b"failed_tiles": json.dumps(list(result.failed_tiles)).encode(),
+    }
     return table.replace_schema_metadata(meta)
 
 
@@ -114,4 +119,7 @@ def result_from_table(table: pa.Table) -> RegionResult:
     parts = table.column("part").to_numpy(zero_copy_only=False)
     settled = _detections_from(table.filter(pa.array(parts == "settled")))
     pending = _detections_from(table.filter(pa.array(parts == "pending")))
-    return RegionResult(settled, pending, int(meta.get(b"tiles", b"0")), float(meta.get(b"model_seconds", b"0")))
+    failed = tuple(json.loads(meta.get(b"failed_tiles", b"[]")))
+    return RegionResult(
+        settled, pending, int(meta.get(b"tiles", b"0")), float(meta.get(b"model_seconds", b"0")), failed
+    )

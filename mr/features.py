@@ -27,6 +27,8 @@ class FeatureTable:
     """object (n,): shapely geometry in lon/lat, or None."""
     centers: np.ndarray
     """float64 (n, 2): lon, lat of each box centre (NaN without georeference)."""
+    failed_tiles: tuple = ()
+    """Tiles the model could not process (see `mr.regions.failed_tile`): their features are missing."""
 
     def __len__(self) -> int:
         return len(self.detections)
@@ -40,6 +42,7 @@ class FeatureTable:
             Detections.concat([t.detections for t in tables]),
             np.concatenate([t.world for t in tables]),
             np.concatenate([t.centers for t in tables]).reshape(-1, 2),
+            tuple(tile for t in tables for tile in t.failed_tiles),
         )
 
 

@@ -6,6 +6,7 @@ deterministic (``tokenize`` of the inputs), so the same request always gives the
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import dask.array as da
@@ -131,7 +132,8 @@ def region_results(image, job: RegionJob) -> da.Array:
 
 
 def _settled(cell: np.ndarray, georef: Georeference | None) -> FeatureTable:
-    return geolocate(cell[0, 0].settled, georef)
+    result = cell[0, 0]
+    return dataclasses.replace(geolocate(result.settled, georef), failed_tiles=result.failed_tiles)
 
 
 def _pending(cell: np.ndarray):

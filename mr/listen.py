@@ -133,7 +133,10 @@ class Listener:
             self.notifier.job_status(record, f"processing {url}")
 
         def region_done(image_id: str, ry: int, rx: int, part) -> None:
-            region = self.store.mark_region(job_id, f"{image_id}:r{ry}-c{rx}", "SUCCESS", features=len(part))
+            status = "PARTIAL" if part.failed_tiles else "SUCCESS"
+            region = self.store.mark_region(
+                job_id, f"{image_id}:r{ry}-c{rx}", status, features=len(part), failed_tiles=list(part.failed_tiles)
+            )
             self.notifier.region_status(region, f"region r{ry}-c{rx} of {image_id}: {len(part)} features settled")
 
         outcomes = process_images(
@@ -145,10 +148,13 @@ class Listener:
             raise Interrupted("stopping before publishing")
         table, meta = combined_output(outcomes, job_id)
         locations = publish(table, meta, sinks)
+        failed = list(table.failed_tiles)
         record = self.store.update_job(
-            job_id, status="SUCCESS", feature_count=len(table), outputs=list(locations)
+            job_id, status="PARTIAL" if failed else "SUCCESS", feature_count=len(table), outputs=list(locations),
+            failed_tiles=failed,
         )
-        self.notifier.job_status(record, f"{len(table)} features published to {', '.join(locations)}")
+        missing = f"; {len(failed)} tile(s) failed, their features are missing" if failed else ""
+        self.notifier.job_status(record, f"{len(table)} features published to {', '.join(locations)}{missing}")
 
     def _fail(self, job_id: str, image_id: str, request_text: str, reason: str, started: float) -> None:
         log.warning("job %s failed: %s", job_id, reason)

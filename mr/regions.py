@@ -17,7 +17,7 @@ import numpy as np
 from mr.detections import Detections
 from mr.errors import ModelError
 from mr.merge import DedupConfig, nms, soft_nms
-from mr.models.base import Model
+from mr.models.base import Model, TileFailure
 from mr.tiling import TileGrid
 
 
@@ -41,6 +41,8 @@ class RegionResult:
     pending: Detections
     tiles: int
     model_seconds: float
+    failed_tiles: tuple = ()
+    """One dict per tile the model could not process: tile id, its bounds (row, col), (width, height), reason."""
 
 
 @dataclass(frozen=True)
@@ -95,11 +97,21 @@ def batch_view(block: np.ndarray, y0: int, x0: int, height: int, width: int, cou
     )
 
 
-def run_tiles(block: np.ndarray, grid: TileGrid, task: RegionTask, model: Model, batch_size: int) -> Detections:
-    """Run the model over the region's tiles (batched views of the block) and return image-pixel detections."""
+def failed_tile(grid: TileGrid, iy: int, ix: int, reason: str) -> dict:
+    """A failed tile as the job record keeps it (OversightML's bounds: (row, col), (width, height))."""
+    x0, x1 = int(grid.x_offset + grid.x.tile_starts[ix]), int(grid.x_offset + grid.x.tile_ends[ix])
+    y0, y1 = int(grid.y_offset + grid.y.tile_starts[iy]), int(grid.y_offset + grid.y.tile_ends[iy])
+    return {"tile_id": int(grid.tile_id(iy, ix)), "bounds": [[y0, x0], [x1 - x0, y1 - y0]], "reason": reason}
+
+
+def run_tiles(
+    block: np.ndarray, grid: TileGrid, task: RegionTask, model: Model, batch_size: int
+) -> tuple[Detections, list[dict]]:
+    """Run the model over the region's tiles (batched views of the block): image-pixel detections, failed tiles."""
     x_origin = grid.x.tile_starts[grid.x.tiles_of_region(task.rx)[0]]
     y_origin = grid.y.tile_starts[grid.y.tiles_of_region(task.ry)[0]]
     found: list[Detections] = []
+    failed: list[dict] = []
     for iy, run in tile_batches(grid, task, batch_size):
         height = int(grid.y.tile_ends[iy] - grid.y.tile_starts[iy])
         width = int(grid.x.tile_ends[run[0]] - grid.x.tile_starts[run[0]])
@@ -109,10 +121,13 @@ def run_tiles(block: np.ndarray, grid: TileGrid, task: RegionTask, model: Model,
         if len(tables) != len(run):
             raise ModelError(f"model {model.name!r} returned {len(tables)} tables for {len(run)} tiles")
         for ix, table in zip(run, tables):
+            if isinstance(table, TileFailure):
+                failed.append(failed_tile(grid, iy, ix, table.reason))
+                continue
             dx = grid.x_offset + grid.x.tile_starts[ix]
             dy = grid.y_offset + grid.y.tile_starts[iy]
             found.append(table.shifted(float(dx), float(dy), int(grid.tile_id(iy, ix))))
-    return Detections.concat(found)
+    return Detections.concat(found), failed
 
 
 def _call_model(model: Model, tiles: np.ndarray) -> list[Detections]:
@@ -181,7 +196,8 @@ def process_region(
 ) -> RegionResult:
     """The whole work of one region task: tiles → model → owned detections → seams settled or pending."""
     started = time.perf_counter()
-    found = keep_owned(run_tiles(block, grid, task, model, settings.batch_size), grid)
+    found, failed = run_tiles(block, grid, task, model, settings.batch_size)
+    found = keep_owned(found, grid)
     if roi is not None and len(found):
         found = found.take(_touches(found.boxes, roi))
     seconds = time.perf_counter() - started
@@ -196,6 +212,7 @@ def process_region(
         seam.take(pending),
         len(region_tiles(grid, task)),
         seconds,
+        tuple(failed),
     )
 
 
