@@ -1,4 +1,4 @@
-"""Command line: ``python -m mr run | demo | submit | status`` (the listener is ``python -m mr.listen``)."""
+"""Command line: ``python -m mr run | demo | submit | status | serve`` (the listener is ``python -m mr.listen``)."""
 
 from __future__ import annotations
 
@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit = commands.add_parser("submit", help="validate an OversightML image request and put it on the queue")
     submit.add_argument("request", help="a JSON file with the request ('-' reads standard input)")
     submit.add_argument("--queue", help="sqlite:///PATH, an SQS queue URL or sqs://NAME (default: configured)")
+    from mr.serve import add_arguments as serve_arguments
+
+    serve = commands.add_parser("serve", help="serve a model as an OversightML model container (/invocations, /ping)")
+    serve_arguments(serve)
     status = commands.add_parser("status", help="show a job's record")
     status.add_argument("job_id")
     status.add_argument("--store", help="sqlite:///PATH or dynamodb://TABLE-PREFIX (default: configured)")
@@ -193,7 +197,12 @@ def main(argv: list[str] | None = None) -> int:
 
     config.load_file(args.config)
     try:
-        commands = {"run": command_run, "demo": command_demo, "submit": command_submit, "status": command_status}
+        from mr.serve import run_from_args
+
+        commands = {
+            "run": command_run, "demo": command_demo, "submit": command_submit, "status": command_status,
+            "serve": run_from_args,
+        }
         return commands[args.command](args)
     except MrError as error:
         print(f"mr: error: {error}", file=sys.stderr)
