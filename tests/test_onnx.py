@@ -238,3 +238,15 @@ def test_channels_last_pixel_model(tmp_path):
     np.testing.assert_allclose(model(tiles), 1 / (1 + np.exp(-2 * tiles)), rtol=1e-5, atol=1e-6)
     with pytest.raises(ModelError, match="'pixels' expects input"):
         OnnxPixelModel(model.path)(tiles)
+
+
+def test_an_onnx_file_registered_by_name(tmp_path):
+    import dask
+
+    from mr.models.onnx import OnnxDetector
+    from mr.models.registry import resolve_model
+
+    path = detector_file(tmp_path)
+    with dask.config.set({"mr.model.registry": {"boxes": {"onnx": str(path), "score-threshold": 0.1}}}):
+        model = resolve_model("boxes")
+    assert isinstance(model, OnnxDetector) and model.name == "boxes" and model.score_threshold == 0.1

@@ -11,8 +11,9 @@ from mr.errors import InvalidInputError
 from mr.models.base import Model
 
 
-def registered_models() -> dict[str, str]:
-    """Models an operator registered by name in configuration (``mr.model.registry``: name → ``module:attr``)."""
+def registered_models() -> dict[str, str | dict]:
+    """Models an operator registered by name in configuration (``mr.model.registry``): name → ``module:attr`` of a
+    factory, or → ``{onnx: PATH, ...}`` for an ONNX detector with its options."""
     return {"builtin": "mr.models.builtin:BuiltinDetector", **dict(config.get("model.registry") or {})}
 
 
@@ -28,7 +29,13 @@ def resolve_model(model: Any = None, *, nodata: float | None = None, **options: 
         known = registered_models()
         if model not in known:
             raise InvalidInputError("model", model, f"not a registered model; registered: {sorted(known)}")
-        module_name, _, attr = known[model].partition(":")
+        entry = known[model]
+        if isinstance(entry, dict):  # {"onnx": "/models/vehicles.onnx", ...OnnxDetector options}
+            from mr.models.onnx import OnnxDetector
+
+            settings = {str(k).replace("-", "_"): v for k, v in entry.items() if k != "onnx"}
+            return OnnxDetector(entry["onnx"], name=model, **{**settings, **options})
+        module_name, _, attr = entry.partition(":")
         factory = getattr(importlib.import_module(module_name), attr)
         if nodata is not None and "nodata" in inspect.signature(factory).parameters:
             options.setdefault("nodata", nodata)
