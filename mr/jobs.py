@@ -80,7 +80,7 @@ def _tagged(table: FeatureTable, image_id: str) -> FeatureTable:
     det = table.detections
     properties = {**det.properties, "imageId": np.full(len(det), image_id, dtype=object)}
     tagged = Detections(det.boxes, det.scores, det.class_ids, det.class_names, det.tile_ids, det.geometry, properties)
-    return FeatureTable(tagged, table.world, table.centers)
+    return FeatureTable(tagged, table.world, table.centers, table.failed_tiles)
 
 
 def process_images(
@@ -124,6 +124,56 @@ def combined_output(outcomes: list[ImageOutcome], job_id: str) -> tuple[FeatureT
         source_metadata=first.source_metadata if len(outcomes) == 1 else None,
     )
     return table, meta
+
+
+def model_for_request(request):
+    """The model a request names: a registered LOCAL model by name, or the adapter for its endpoint."""
+    from mr.request import ModelInvokeMode
+
+    processor = request.image_processor
+    if processor.type is ModelInvokeMode.LOCAL:
+        return processor.name
+    from mr import config
+    from mr.models.endpoint import HttpEndpointModel, SageMakerModel
+
+    common = {
+        "tile_format": request.tile_format.value,
+        "tile_compression": request.tile_compression.value,
+        "max_in_flight": config.get("model.endpoint-max-in-flight"),
+    }
+    if processor.type is ModelInvokeMode.HTTP_ENDPOINT:
+        return HttpEndpointModel(processor.name, **common)
+    parameters = dict(request.image_processor_parameters) or None
+    return SageMakerModel(processor.name, parameters=parameters, assumed_role=processor.assumed_role or None, **common)
+
+
+def endpoint_counters(client, model) -> dict:
+    """The endpoint's call counters summed over the cluster's workers (empty for a model that is no endpoint)."""
+    name = getattr(model, "stats", None) and model.name
+    if not name:
+        return {}
+
+    def snapshot(endpoint: str = name) -> dict:
+        from mr.models.endpoint import endpoint_stats
+
+        return endpoint_stats(endpoint).snapshot()
+
+    totals: dict = {"endpoint": name}
+    for values in client.run(snapshot).values():
+        for key in ("calls", "errors", "retries", "failed_tiles", "latency_s"):
+            totals[key] = totals.get(key, 0) + values.get(key, 0)
+    return totals
+
+
+def counters_since(before: dict, after: dict) -> dict:
+    """What one job added to the cluster-wide endpoint counters."""
+    if not after:
+        return {}
+    delta = {k: round(after[k] - before.get(k, 0), 6) for k in after if k != "endpoint"}
+    delta["endpoint"] = after["endpoint"]
+    if delta.get("calls"):
+        delta["mean_latency_s"] = round(delta["latency_s"] / delta["calls"], 6)
+    return delta
 
 
 def elapsed(since: float) -> float:

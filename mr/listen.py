@@ -20,7 +20,14 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from mr import config
 from mr.errors import MrError
-from mr.jobs import Interrupted, combined_output, process_images
+from mr.jobs import (
+    Interrupted,
+    combined_output,
+    counters_since,
+    endpoint_counters,
+    model_for_request,
+    process_images,
+)
 from mr.service import ServiceSettings, resolve_service
 
 log = logging.getLogger("mr.listen")
@@ -139,8 +146,10 @@ class Listener:
             )
             self.notifier.region_status(region, f"region r{ry}-c{rx} of {image_id}: {len(part)} features settled")
 
+        model = model_for_request(request)
+        before = endpoint_counters(self.client, model)
         outcomes = process_images(
-            request.image_urls, request.detect_options(), self.client, self.settings.work_dir, job_id,
+            request.image_urls, request.detect_options(model=model), self.client, self.settings.work_dir, job_id,
             keepalive=keepalive, stop=self.stop, interval=max(1.0, self.settings.visibility_timeout / 3),
             on_planned=planned, on_region=region_done,
         )
@@ -149,9 +158,10 @@ class Listener:
         table, meta = combined_output(outcomes, job_id)
         locations = publish(table, meta, sinks)
         failed = list(table.failed_tiles)
+        summary = {"endpoint": counters_since(before, endpoint_counters(self.client, model))}
         record = self.store.update_job(
             job_id, status="PARTIAL" if failed else "SUCCESS", feature_count=len(table), outputs=list(locations),
-            failed_tiles=failed,
+            failed_tiles=failed, summary={k: v for k, v in summary.items() if v},
         )
         missing = f"; {len(failed)} tile(s) failed, their features are missing" if failed else ""
         self.notifier.job_status(record, f"{len(table)} features published to {', '.join(locations)}{missing}")

@@ -258,3 +258,65 @@ def test_every_image_of_a_request_is_processed(scene, embedded, tmp_path):
     assert counts[0] >= 24 and counts[1] >= 67
     small = min(by_image.values(), key=len)
     assert match_detections(small, planted_boxes(planted)).recall >= 0.95
+
+
+def test_an_http_endpoint_request_through_mr_serve(scene, embedded, tmp_path):
+    """HTTP_ENDPOINT requests reach a model container (here `mr serve` on loopback), as OversightML sends them."""
+    from mr.models.builtin import BuiltinDetector
+    from mr.serve import serve_in_thread
+
+    server, url = serve_in_thread(BuiltinDetector())
+    try:
+        out = tmp_path / "endpoint.geojson"
+        request = osml_request("job-http", scene[0], [{"type": "File", "path": str(out)}])
+        request["imageProcessor"] = {"name": f"{url}/invocations", "type": "HTTP_ENDPOINT"}
+        path = tmp_path / "http.json"
+        path.write_text(json.dumps(request))
+        assert mr_command("mr", "submit", str(path), "--queue", embedded["queue"]).returncode == 0
+        listened = mr_command("mr.listen", "--once", *embedded["args"])
+        assert listened.returncode == 0, listened.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
+    boxes = [f["properties"]["imageBBox"] for f in features_of(out)]
+    assert match_detections(boxes, planted_boxes(scene[1])).recall >= 0.95
+    shown = json.loads(mr_command("mr", "status", "job-http", "--store", embedded["store"]).stdout)
+    assert shown["status"] == "SUCCESS"
+    stats = shown["summary"]["endpoint"]
+    assert stats["calls"] >= shown["tile_count"] and stats["errors"] == 0
+
+
+def test_an_endpoint_that_keeps_failing_ends_partial_with_the_tiles_named(scene, embedded, tmp_path):
+    import http.server
+    import threading
+
+    class AlwaysFailing(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server API
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(500)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AlwaysFailing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = tmp_path / "partial.geojson"
+        request = osml_request("job-failing", scene[0], [{"type": "File", "path": str(out)}])
+        request["imageProcessor"] = {
+            "name": f"http://127.0.0.1:{server.server_address[1]}/invocations", "type": "HTTP_ENDPOINT"
+        }
+        path = tmp_path / "failing.json"
+        path.write_text(json.dumps(request))
+        assert mr_command("mr", "submit", str(path), "--queue", embedded["queue"]).returncode == 0
+        listened = mr_command("mr.listen", "--once", *embedded["args"], timeout=240)
+        assert listened.returncode == 0, listened.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
+    shown = json.loads(mr_command("mr", "status", "job-failing", "--store", embedded["store"]).stdout)
+    assert shown["status"] == "PARTIAL"
+    assert len(shown["failed_tiles"]) == shown["tile_count"] > 0
+    assert all("HTTP 500" in tile["reason"] and tile["bounds"] for tile in shown["failed_tiles"])
+    assert features_of(out) == []

@@ -1,0 +1,432 @@
+"""Remote models: an HTTP endpoint (an OversightML model container's ``/invocations``) or a SageMaker endpoint.
+
+Each tile is encoded (``mr.encoding``, NITF by default, as OSML ModelRunner sends it), sent on its own, and the
+reply, an OSML FeatureCollection in tile pixels, is parsed by :func:`mr.models.callable.to_detections`. The tiles
+of a batch are sent concurrently by a small thread pool. Each call is retried per a :class:`RetryPolicy`
+(throttling, 5xx, timeouts, broken connections, malformed or empty replies); a 4xx that can never succeed is not
+retried. A tile that still fails becomes a :class:`~mr.models.base.TileFailure`: recorded, never dropped, and the
+rest of the batch goes on.
+
+Concurrency: with ``max_in_flight=n`` no more than ``n`` calls are in flight at once. On a Dask worker the limit
+is cluster-wide: each call holds a lease of ``distributed.Semaphore(max_leases=n, name="mr-endpoint-<name>")``
+kept by the scheduler, so all workers together stay under it. Elsewhere (a plain thread or process) it is a
+process-local ``threading.BoundedSemaphore``. A lease is held only for the call itself, never during a back-off.
+
+Models pickle to their constructor arguments; connection pools and boto3 clients are created lazily and cached
+once per process, as are the per-endpoint counters behind ``stats()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mr.detections import Detections
+from mr.errors import InvalidInputError, ModelError
+from mr.models.base import TileFailure
+from mr.models.callable import _Malformed, to_detections
+
+MAX_REPLY_BYTES = 64 * 2**20
+DEFAULT_THREADS = 4
+SAGEMAKER_PARAMETERS = frozenset({"TargetVariant", "TargetModel", "CustomAttributes", "ContentType", "Accept",
+                                  "InferenceId", "TargetContainerHostname", "InferenceComponentName"})
+_RETRY_STATUS = frozenset({408, 429})
+_THROTTLING_CODES = frozenset({"ThrottlingException", "Throttling", "TooManyRequestsException",
+                               "ServiceUnavailable", "InternalFailure", "ModelNotReadyException"})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How each endpoint call is retried: exponential back-off with full jitter."""
+
+    max_attempts: int = 5
+    """Calls per tile, the first included."""
+    base_delay: float = 0.2
+    """Seconds; the n-th back-off is uniform in [0, min(max_delay, base_delay * 2**(n-1))]."""
+    max_delay: float = 10.0
+    """Seconds; cap of one back-off."""
+    timeout: float = 30.0
+    """Seconds allowed to one call (connect and read)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise InvalidInputError("max_attempts", self.max_attempts, "must be an integer >= 1")
+        for field in ("base_delay", "max_delay", "timeout"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or value < 0 or (field == "timeout" and value == 0):
+                raise InvalidInputError(field, value, "must be a number of seconds >= 0 (timeout > 0)")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        return random.uniform(0.0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+
+
+class EndpointStats:
+    """Counters of one endpoint in this process: calls, errors, retries, failed tiles and total call latency."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.calls = self.errors = self.retries = self.failed_tiles = 0
+            self.latency_s = 0.0
+
+    def add(self, *, calls: int = 0, errors: int = 0, retries: int = 0, failed_tiles: int = 0,
+            latency_s: float = 0.0) -> None:
+        """Count events (thread-safe)."""
+        with self._lock:
+            self.calls += calls
+            self.errors += errors
+            self.retries += retries
+            self.failed_tiles += failed_tiles
+            self.latency_s += latency_s
+
+    def snapshot(self) -> dict:
+        """The counters now, plus the mean latency of a call in seconds."""
+        with self._lock:
+            return {"endpoint": self.endpoint, "calls": self.calls, "errors": self.errors, "retries": self.retries,
+                    "failed_tiles": self.failed_tiles, "latency_s": self.latency_s,
+                    "mean_latency_s": self.latency_s / self.calls if self.calls else 0.0}
+
+
+class _CallFailed(Exception):
+    """One failed attempt; ``retryable`` says whether another attempt may succeed."""
+
+    def __init__(self, reason: str, retryable: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retryable = retryable
+
+
+_CACHE: dict[tuple, Any] = {}
+_CACHE_LOCK = threading.RLock()
+
+
+def _cached(key: tuple, make: Callable[[], Any]) -> Any:
+    """One object per key in this process (pools, clients, semaphores, stats), made on first use."""
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = make()
+        return _CACHE[key]
+
+
+def endpoint_stats(name: str) -> EndpointStats:
+    """This process's counters for the endpoint called ``name``."""
+    return _cached(("stats", name), lambda: EndpointStats(name))
+
+
+class _EndpointModel:
+    """What both endpoint models share: encoding, the thread pool, retries, the in-flight limit, counters."""
+
+    name: str
+
+    def __init__(self, name: str, tile_format: str, tile_compression: str, retry: RetryPolicy,
+                 max_in_flight: int | None) -> None:
+        if not isinstance(retry, RetryPolicy):
+            raise InvalidInputError("retry", retry, "must be a RetryPolicy, e.g. RetryPolicy(max_attempts=3)")
+        if max_in_flight is not None and (not isinstance(max_in_flight, int) or max_in_flight < 1):
+            raise InvalidInputError("max_in_flight", max_in_flight, "must be an integer >= 1, or None for no limit")
+        if not isinstance(tile_format, str) or not tile_format:
+            raise InvalidInputError("tile_format", tile_format, "must be a format name such as 'NITF' or 'PNG'")
+        self.name = name
+        self.tile_format = tile_format
+        self.tile_compression = tile_compression
+        self.retry = retry
+        self.max_in_flight = max_in_flight
+
+    _ARGUMENTS: tuple[str, ...] = ()
+    """Constructor arguments, kept as attributes of the same names: what the model pickles to."""
+
+    def __reduce__(self) -> tuple:
+        return (_construct, (type(self), {key: getattr(self, key) for key in self._ARGUMENTS}))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+    def _invoke(self, payload: bytes, content_type: str) -> bytes:
+        """One call: the reply body, or _CallFailed."""
+        raise NotImplementedError
+
+    def stats(self) -> dict:
+        """This process's counters for this endpoint (see EndpointStats.snapshot)."""
+        return endpoint_stats(self.name).snapshot()
+
+    def __call__(self, tiles: np.ndarray) -> list[Detections | TileFailure]:
+        """One table, or a TileFailure, per tile of a (n, bands, h, w) batch, in order."""
+        if not isinstance(tiles, np.ndarray) or tiles.ndim != 4:
+            shape = getattr(tiles, "shape", type(tiles).__name__)
+            raise InvalidInputError("tiles", shape, "must be a numpy array of shape (n, bands, height, width)")
+        if not len(tiles):
+            return []
+        limiter = self._limiter()  # resolved here: a worker is only known in the task's own thread
+        threads = min(len(tiles), self.max_in_flight or DEFAULT_THREADS)
+        with ThreadPoolExecutor(threads, thread_name_prefix=f"mr-endpoint-{self.name}") as pool:
+            return list(pool.map(lambda tile: self._process(tile, limiter), tiles))
+
+    def _limiter(self) -> Any:
+        """A cluster-wide distributed.Semaphore on a worker, a process-local semaphore elsewhere, or no limit."""
+        if self.max_in_flight is None:
+            return None
+        try:
+            from distributed import Semaphore, get_worker
+
+            worker = get_worker()
+        except (ImportError, ValueError):
+            return _cached(("local-semaphore", self.name, self.max_in_flight),
+                           lambda: threading.BoundedSemaphore(self.max_in_flight))
+        name = f"mr-endpoint-{self.name}"
+        return _cached(("semaphore", worker.id, name, self.max_in_flight),
+                       lambda: Semaphore(max_leases=self.max_in_flight, name=name))
+
+    def _process(self, tile: np.ndarray, limiter: Any) -> Detections | TileFailure:
+        """Encode one tile, call the endpoint until it succeeds, fails for good or runs out of attempts."""
+        from mr.encoding import content_type, encode_tile
+
+        payload = encode_tile(tile, fmt=self.tile_format, compression=self.tile_compression)
+        media_type = content_type(self.tile_format)
+        stats = endpoint_stats(self.name)
+        for attempt in range(1, self.retry.max_attempts + 1):
+            try:
+                return self._attempt(payload, media_type, limiter, stats)
+            except _CallFailed as e:
+                if not e.retryable or attempt == self.retry.max_attempts:
+                    stats.add(failed_tiles=1)
+                    plural = "s" if attempt > 1 else ""
+                    return TileFailure(f"{self.name}: {e.reason} after {attempt} attempt{plural}")
+            stats.add(retries=1)
+            time.sleep(self.retry.delay(attempt))
+        raise AssertionError("unreachable")
+
+    def _attempt(self, payload: bytes, media_type: str, limiter: Any, stats: EndpointStats) -> Detections:
+        """One call and the parse of its reply, both counted."""
+        start = time.perf_counter()
+        try:
+            with limiter or contextlib.nullcontext():  # one lease per call
+                body = self._invoke(payload, media_type)
+            detections = parse_reply(body)
+        except _CallFailed:
+            stats.add(calls=1, errors=1, latency_s=time.perf_counter() - start)
+            raise
+        stats.add(calls=1, latency_s=time.perf_counter() - start)
+        return detections
+
+
+def _construct(cls: type, arguments: dict) -> _EndpointModel:
+    """Unpickle by calling the constructor."""
+    return cls(**arguments)
+
+
+def parse_reply(body: bytes) -> Detections:
+    """Detections (tile pixels) from an OSML reply; _CallFailed (retryable) if it is empty or malformed."""
+    if not body or not body.strip():
+        raise _CallFailed("empty reply", retryable=True)
+    try:
+        reply = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _CallFailed(f"malformed JSON reply ({e})", retryable=True) from None
+    try:
+        return to_detections(_in_pixels(reply))
+    except _Malformed as e:
+        raise _CallFailed(f"malformed reply: {e}", retryable=True) from None
+
+
+def _in_pixels(reply: Any) -> Any:
+    """An OSML FeatureCollection with each feature's geometry in tile pixels (``geometry`` is null or geographic)."""
+    features = reply.get("features") if isinstance(reply, Mapping) else None
+    if not isinstance(features, list) or reply.get("type") != "FeatureCollection":
+        return reply
+    return {**reply, "features": [_pixel_feature(f) for f in features]}
+
+
+def _pixel_feature(feature: Any) -> Any:
+    """imageGeometry, else imageBBox / legacy bounds_imcoords, as the geometry; legacy feature_types as classes."""
+    if not isinstance(feature, Mapping) or not isinstance(feature.get("properties"), Mapping):
+        return feature
+    properties = dict(feature["properties"])
+    pixels = properties.pop("imageGeometry", None)
+    bbox = properties.pop("imageBBox", None) or properties.pop("bounds_imcoords", None)
+    properties.pop("bounds_imcoords", None)
+    legacy_classes = properties.pop("feature_types", None)
+    if "featureClasses" not in properties and isinstance(legacy_classes, Mapping):
+        properties["featureClasses"] = [{"iri": k, "score": v} for k, v in legacy_classes.items()]
+    if pixels is None and isinstance(bbox, (list, tuple)) and len(bbox) == 4:
+        x0, y0, x1, y1 = bbox
+        pixels = {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}
+    return {**feature, "geometry": pixels if pixels is not None else feature.get("geometry"), "properties": properties}
+
+
+class HttpEndpointModel(_EndpointModel):
+    """POST each encoded tile to ``url`` (an OSML container's ``/invocations``) and parse the OSML reply."""
+
+    _ARGUMENTS = ("url", "tile_format", "tile_compression", "retry", "max_in_flight", "verify_tls", "name")
+
+    def __init__(self, url: str, *, tile_format: str = "NITF", tile_compression: str = "NONE",
+                 retry: RetryPolicy = RetryPolicy(), max_in_flight: int | None = None, verify_tls: bool = True,
+                 name: str | None = None) -> None:
+        if not isinstance(url, str) or not re.match(r"https?://[^/]+", url):
+            raise InvalidInputError("url", url, "must be an http(s) URL, e.g. http://model:8080/invocations")
+        if not isinstance(verify_tls, bool):
+            raise InvalidInputError("verify_tls", verify_tls, "must be True or False")
+        super().__init__(name or url, tile_format, tile_compression, retry, max_in_flight)
+        self.url = url
+        self.verify_tls = verify_tls
+
+    def _pool(self) -> Any:
+        """This process's urllib3 pool for these TLS settings."""
+        import urllib3
+
+        cert_reqs = "CERT_REQUIRED" if self.verify_tls else "CERT_NONE"
+        return _cached(("http-pool", self.verify_tls),
+                       lambda: urllib3.PoolManager(num_pools=16, maxsize=32, cert_reqs=cert_reqs))
+
+    def _invoke(self, payload: bytes, content_type: str) -> bytes:
+        import urllib3
+
+        try:
+            response = self._pool().request(
+                "POST", self.url, body=payload, headers={"Content-Type": content_type, "Accept": "application/json"},
+                timeout=urllib3.Timeout(total=self.retry.timeout), retries=False, redirect=False,
+                preload_content=False)
+        except urllib3.exceptions.SSLError as e:
+            raise _CallFailed(f"TLS error ({e}); pass verify_tls=False only for a trusted test endpoint",
+                              retryable=False) from None
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise _CallFailed(f"{type(e).__name__} ({e})", retryable=True) from None
+        try:
+            return _read_reply(response)
+        finally:
+            response.release_conn()
+
+
+def _within_limit(body: bytes, announced: int = 0) -> bytes:
+    """The body, or a (final) _CallFailed when the reply is, or announces itself, over MAX_REPLY_BYTES."""
+    if max(len(body), announced) > MAX_REPLY_BYTES:
+        raise _CallFailed(f"reply of {max(len(body), announced)} bytes is over the {MAX_REPLY_BYTES}-byte limit",
+                          retryable=False)
+    return body
+
+
+def _read_reply(response: Any) -> bytes:
+    """The body of a 2xx reply, at most MAX_REPLY_BYTES; _CallFailed for any other status."""
+    import urllib3
+
+    try:
+        length = int(response.headers.get("Content-Length", 0))
+        body = _within_limit(b"" if length > MAX_REPLY_BYTES else response.read(MAX_REPLY_BYTES + 1), length)
+    except (urllib3.exceptions.HTTPError, OSError, ValueError) as e:
+        raise _CallFailed(f"{type(e).__name__} while reading the reply ({e})", retryable=True) from None
+    status = response.status
+    if 200 <= status < 300:
+        return body
+    detail = body[:200].decode("utf-8", "replace").strip()
+    retryable = status in _RETRY_STATUS or status >= 500
+    raise _CallFailed(f"HTTP {status}" + (f": {detail}" if detail else ""), retryable=retryable)
+
+
+class SageMakerModel(_EndpointModel):
+    """Invoke the SageMaker endpoint ``endpoint_name`` (sagemaker-runtime InvokeEndpoint) once per tile.
+
+    ``parameters`` go to InvokeEndpoint as given (TargetVariant, TargetModel, CustomAttributes, ContentType, ...);
+    ``assumed_role`` is a role ARN assumed through STS with RoleSessionName ``mr-<endpoint>``, refreshed before
+    it expires. botocore's own retries are off: the RetryPolicy decides.
+    """
+
+    _ARGUMENTS = ("endpoint_name", "parameters", "assumed_role", "tile_format", "tile_compression", "retry",
+                  "max_in_flight", "endpoint_url")
+
+    def __init__(self, endpoint_name: str, *, parameters: Mapping[str, str] | None = None,
+                 assumed_role: str | None = None, tile_format: str = "NITF", tile_compression: str = "NONE",
+                 retry: RetryPolicy = RetryPolicy(), max_in_flight: int | None = None,
+                 endpoint_url: str | None = None) -> None:
+        if not isinstance(endpoint_name, str) or not endpoint_name:
+            raise InvalidInputError("endpoint_name", endpoint_name, "must be a SageMaker endpoint name")
+        parameters = dict(parameters or {})
+        unknown = sorted(set(parameters) - SAGEMAKER_PARAMETERS)
+        if unknown:
+            raise InvalidInputError("parameters", unknown, f"unknown InvokeEndpoint parameters; use any of "
+                                                           f"{sorted(SAGEMAKER_PARAMETERS)}")
+        if assumed_role is not None and not str(assumed_role).startswith("arn:"):
+            raise InvalidInputError("assumed_role", assumed_role,
+                                    "must be a role ARN, arn:aws:iam::<account>:role/<name>")
+        super().__init__(endpoint_name, tile_format, tile_compression, retry, max_in_flight)
+        self.endpoint_name = endpoint_name
+        self.parameters = parameters
+        self.assumed_role = assumed_role
+        self.endpoint_url = endpoint_url
+
+    def client(self) -> Any:
+        """This process's sagemaker-runtime client for this endpoint's role, URL and timeout; ModelError if none."""
+        key = ("sagemaker", self.assumed_role, self.endpoint_url, self.retry.timeout, self.max_in_flight)
+        try:
+            return _cached(key, self._make_client)
+        except Exception as e:  # no region, no credentials, a role that cannot be assumed: not one tile's fault
+            raise ModelError(f"{self.name}: cannot create a sagemaker-runtime client: {type(e).__name__}: {e}") from e
+
+    def _make_client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        session = _role_session(self.assumed_role, session_name(self.endpoint_name)) if self.assumed_role \
+            else boto3.Session()
+        config = Config(retries={"total_max_attempts": 1}, connect_timeout=self.retry.timeout,
+                        read_timeout=self.retry.timeout, max_pool_connections=max(10, self.max_in_flight or 0))
+        return session.client("sagemaker-runtime", endpoint_url=self.endpoint_url, config=config)
+
+    def _invoke(self, payload: bytes, content_type: str) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        client, arguments = self.client(), {"ContentType": content_type, **self.parameters}
+        try:
+            response = client.invoke_endpoint(EndpointName=self.endpoint_name, Body=payload, **arguments)
+            return _within_limit(response["Body"].read(MAX_REPLY_BYTES + 1))
+        except ClientError as e:
+            raise _client_failure(e) from None
+        except BotoCoreError as e:  # timeouts, connection errors
+            raise _CallFailed(f"{type(e).__name__} ({e})", retryable=True) from None
+
+
+def _client_failure(error: Any) -> _CallFailed:
+    """Classify a botocore ClientError: throttling, 5xx and model 5xx/429 are retried, other 4xx are not."""
+    info = error.response.get("Error", {})
+    code = info.get("Code", "")
+    status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    original = error.response.get("OriginalStatusCode", 0)
+    retryable = (code in _THROTTLING_CODES or status >= 500 or status in _RETRY_STATUS
+                 or (code == "ModelError" and (original >= 500 or original in _RETRY_STATUS)))
+    return _CallFailed(f"{code or 'error'} (HTTP {status}): {info.get('Message', '')}".rstrip(": "), retryable)
+
+
+def session_name(endpoint_name: str) -> str:
+    """The STS RoleSessionName that identifies mr: ``mr-<endpoint>``, legal characters, at most 64."""
+    return re.sub(r"[^\w+=,.@-]", "-", f"mr-{endpoint_name}")[:64]
+
+
+def _role_session(role_arn: str, name: str) -> Any:
+    """A boto3 session holding the role's credentials, refreshed by botocore before they expire."""
+    import boto3
+    import botocore.session
+    from botocore.credentials import RefreshableCredentials
+
+    sts = boto3.client("sts")
+
+    def assume() -> dict:
+        credentials = sts.assume_role(RoleArn=role_arn, RoleSessionName=name)["Credentials"]
+        return {"access_key": credentials["AccessKeyId"], "secret_key": credentials["SecretAccessKey"],
+                "token": credentials["SessionToken"], "expiry_time": credentials["Expiration"].isoformat()}
+
+    core = botocore.session.get_session()
+    core._credentials = RefreshableCredentials.create_from_metadata(assume(), assume, "sts-assume-role")
+    return boto3.Session(botocore_session=core)

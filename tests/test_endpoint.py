@@ -1,0 +1,281 @@
+"""Endpoint models against real HTTP servers on 127.0.0.1 and SageMaker through the moto server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
+
+import numpy as np
+import pytest
+
+from mr.detections import Detections
+from mr.models.base import Model, TileFailure
+from mr.models.endpoint import HttpEndpointModel, RetryPolicy, SageMakerModel, _client_failure, session_name
+
+pytest.importorskip("mr.encoding")
+
+FAST = RetryPolicy(max_attempts=5, base_delay=0.01, max_delay=0.05, timeout=1.0)
+
+
+def osml_reply(n: int = 2) -> dict:
+    """What an OSML model container answers: pixel geometry in imageGeometry/imageBBox, geometry null."""
+    features = []
+    for i in range(n):
+        box = [4.0 + 10 * i, 6.0, 12.0 + 10 * i, 16.0]
+        x0, y0, x1, y1 = box
+        ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+        features.append({"type": "Feature", "geometry": None, "properties": {
+            "imageGeometry": {"type": "Polygon", "coordinates": [ring]}, "imageBBox": box,
+            "featureClasses": [{"iri": "ship" if i % 2 else "car", "score": 0.5 + 0.1 * i}]}})
+    legacy = {"type": "Feature", "geometry": None,
+              "properties": {"bounds_imcoords": [40, 40, 50, 48], "feature_types": {"plane": 0.75}}}
+    return {"type": "FeatureCollection", "features": features + [legacy]}
+
+
+def tiles(n: int) -> np.ndarray:
+    """n distinct single-band tiles (distinct bodies let a server tell them apart)."""
+    return np.stack([np.full((1, 64, 64), i, np.uint8) for i in range(n)])
+
+
+class Server:
+    """A threaded HTTP server whose ``respond(server, body)`` returns (status, body bytes); it counts calls."""
+
+    def __init__(self, respond, delay: float = 0.0) -> None:
+        self.respond, self.delay = respond, delay
+        self.lock = threading.Lock()
+        self.calls = self.in_flight = self.peak = 0
+        self.bodies: dict[str, int] = {}
+        self.content_types: set[str] = set()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with server.lock:
+                    server.calls += 1
+                    server.in_flight += 1
+                    server.peak = max(server.peak, server.in_flight)
+                    server.content_types.add(self.headers["Content-Type"])
+                time.sleep(server.delay)
+                try:
+                    status, reply = server.respond(server, body)
+                finally:
+                    with server.lock:  # before the reply: the client may send its next request right after it
+                        server.in_flight -= 1
+                try:
+                    if status is None:  # a hand-written reply
+                        self.wfile.write(reply)
+                        return
+                    self.send_response(status)
+                    self.send_header("Content-Length", str(len(reply)))
+                    self.end_headers()
+                    self.wfile.write(reply)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/invocations"
+
+    def attempt(self, body: bytes) -> int:
+        """How many times this body was sent before (0 on its first call)."""
+        key = hashlib.sha1(body).hexdigest()
+        with self.lock:
+            self.bodies[key] = self.bodies.get(key, 0) + 1
+            return self.bodies[key] - 1
+
+    def __enter__(self) -> Self:
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def healthy(server, body):
+    return 200, json.dumps(osml_reply()).encode()
+
+
+def test_healthy_server_replies_are_parsed_into_detections():
+    with Server(healthy) as server:
+        model = HttpEndpointModel(server.url, retry=FAST, name="healthy")
+        results = model(tiles(3))
+    assert isinstance(model, Model) and len(results) == 3 and server.calls == 3
+    assert server.content_types == {"image/nitf"}
+    for result in results:
+        assert isinstance(result, Detections)
+        np.testing.assert_allclose(result.boxes, [[4, 6, 12, 16], [14, 6, 22, 16], [40, 40, 50, 48]])
+        np.testing.assert_allclose(result.scores, [0.5, 0.6, 0.75], rtol=1e-6)
+        assert list(result.labels) == ["car", "ship", "plane"]
+        assert result.geometry[0].bounds == (4, 6, 12, 16)
+    stats = model.stats()
+    assert stats["calls"] >= 3 and stats["retries"] == 0 and stats["failed_tiles"] == 0 and stats["latency_s"] > 0
+
+
+def test_flaky_server_every_tile_succeeds_through_retries():
+    modes = ["503", "slow", "malformed", "empty"]
+    failures = []
+
+    def flaky(server, body):
+        if server.attempt(body) > 0:  # each tile's first call fails, the retry succeeds: half the calls fail
+            return healthy(server, body)
+        with server.lock:
+            mode = modes[len(failures) % len(modes)]
+            failures.append(mode)
+        if mode == "503":
+            return 503, b"busy"
+        if mode == "slow":
+            time.sleep(FAST.timeout + 0.5)
+            return healthy(server, body)
+        return 200, b"{not json" if mode == "malformed" else b""
+
+    with Server(flaky) as server:
+        model = HttpEndpointModel(server.url, retry=FAST, name="flaky")
+        start = time.perf_counter()
+        results = model(tiles(8))
+        elapsed = time.perf_counter() - start
+    assert all(isinstance(r, Detections) and len(r) == 3 for r in results)
+    assert sorted(failures) == sorted(modes * 2) and server.calls == 16
+    stats = model.stats()
+    assert (stats["calls"], stats["errors"], stats["retries"], stats["failed_tiles"]) == (16, 8, 8, 0)
+    assert elapsed < 5
+
+
+def test_client_error_is_not_retried():
+    with Server(lambda server, body: (400, b"bad tile format")) as server:
+        model = HttpEndpointModel(server.url, retry=FAST, name="always-400")
+        results = model(tiles(4))
+    assert server.calls == 4
+    assert all(isinstance(r, TileFailure) for r in results)
+    assert all("HTTP 400" in r.reason and "after 1 attempt" in r.reason for r in results)
+    assert results[0].reason.startswith("always-400: ")
+    assert model.stats()["retries"] == 0 and model.stats()["failed_tiles"] == 4
+
+
+def test_server_error_fails_the_tile_after_max_attempts_in_bounded_time():
+    policy = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.02, timeout=1.0)
+    with Server(lambda server, body: (500, b"")) as server:
+        model = HttpEndpointModel(server.url, retry=policy, name="always-500")
+        start = time.perf_counter()
+        results = model(tiles(4))
+        elapsed = time.perf_counter() - start
+    assert server.calls == 12 and elapsed < 3
+    assert all(isinstance(r, TileFailure) and "HTTP 500 after 3 attempts" in r.reason for r in results)
+    assert model.stats()["retries"] == 8
+
+
+def test_unreachable_endpoint_and_oversized_reply_become_tile_failures():
+    refused = HttpEndpointModel("http://127.0.0.1:9/invocations", retry=FAST, name="refused")
+    [result] = refused(tiles(1))
+    assert isinstance(result, TileFailure) and "after 5 attempts" in result.reason
+
+    def huge(server, body):
+        return None, b"HTTP/1.1 200 OK\r\nContent-Length: 70000000\r\n\r\n{}"
+
+    with Server(huge) as server:
+        [result] = HttpEndpointModel(server.url, retry=FAST, name="huge")(tiles(1))
+    assert isinstance(result, TileFailure) and "limit" in result.reason and server.calls == 1
+
+
+def test_process_local_limit_on_requests_in_flight():
+    with Server(healthy, delay=0.05) as server:
+        model = HttpEndpointModel(server.url, retry=FAST, max_in_flight=2, name="limited-local")
+        results = [None] * 2
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, model(tiles(6)))) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert server.calls == 12 and server.peak == 2
+    assert all(isinstance(r, Detections) for batch in results for r in batch)
+
+
+def test_cluster_wide_limit_through_a_distributed_semaphore():
+    from distributed import Client, LocalCluster
+
+    with Server(healthy, delay=0.05) as server:
+        model = HttpEndpointModel(server.url, retry=FAST, max_in_flight=2, name="limited-cluster")
+        with LocalCluster(n_workers=2, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster, \
+                Client(cluster) as client:
+            kinds = client.gather([client.submit(lambda m: type(m._limiter()).__name__, model, pure=False)])
+            addresses = list(client.scheduler_info()["workers"])
+            futures = [client.submit(model, tiles(6), pure=False, workers=[a]) for a in addresses for _ in range(2)]
+            batches = client.gather(futures)
+    assert kinds == ["Semaphore"]
+    assert server.calls == 24 and server.peak == 2
+    assert all(isinstance(r, Detections) for batch in batches for r in batch)
+
+
+def test_models_pickle_to_their_arguments_and_validate_them():
+    model = HttpEndpointModel("http://127.0.0.1:1/invocations", max_in_flight=3, retry=FAST, verify_tls=True)
+    copy = pickle.loads(pickle.dumps(model))
+    assert (copy.url, copy.max_in_flight, copy.retry, copy.verify_tls) == (model.url, 3, FAST, True)
+    sagemaker = pickle.loads(pickle.dumps(SageMakerModel("ep", parameters={"TargetVariant": "a"})))
+    assert sagemaker.parameters == {"TargetVariant": "a"} and sagemaker.name == "ep"
+    with pytest.raises(ValueError, match="max_in_flight"):
+        HttpEndpointModel("http://x/invocations", max_in_flight=0)
+    with pytest.raises(ValueError, match="url"):
+        HttpEndpointModel("ftp://x")
+    with pytest.raises(ValueError, match="parameters"):
+        SageMakerModel("ep", parameters={"Body": b""})
+    with pytest.raises(ValueError, match="max_attempts"):
+        RetryPolicy(max_attempts=0)
+    assert all(0 <= FAST.delay(n) <= FAST.max_delay for n in range(1, 20))
+    assert session_name("e" * 100) == "mr-" + "e" * 61
+
+
+def _moto_results(endpoint: str, *bodies: str) -> None:
+    payload = {"region": "us-east-1", "results": [
+        {"Body": body, "ContentType": "application/json", "InvokedProductionVariant": "blue",
+         "CustomAttributes": "seen"} for body in bodies]}
+    for path, data in (("reset", b""), ("static/sagemaker/endpoint-results", json.dumps(payload).encode())):
+        request = urllib.request.Request(f"{endpoint}/moto-api/{path}", data=data, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(request).close()
+
+
+def test_sagemaker_endpoint_through_moto(moto_server):
+    _moto_results(moto_server, *[json.dumps(osml_reply(n)) for n in (1, 2)])
+    parameters = {"TargetVariant": "blue", "CustomAttributes": "tile=1", "ContentType": "application/x-nitf"}
+    model = SageMakerModel("mr-test-endpoint", parameters=parameters, retry=FAST,
+                           assumed_role="arn:aws:iam::123456789012:role/mr-runner", endpoint_url=moto_server)
+    sent = []
+    model.client().meta.events.register("before-send.sagemaker-runtime.InvokeEndpoint",
+                                        lambda request, **kw: sent.append({k: v.decode() if isinstance(v, bytes) else v
+                                                                          for k, v in request.headers.items()}))
+    results = model(tiles(2))
+    assert sorted(len(r) for r in results) == [2, 3]
+    assert all(isinstance(r, Detections) for r in results)
+    assert {tuple(r.labels) for r in results} == {("car", "plane"), ("car", "ship", "plane")}
+    assert len(sent) == 2
+    for headers in sent:
+        assert headers["X-Amzn-SageMaker-Target-Variant"] == "blue"
+        assert headers["X-Amzn-SageMaker-Custom-Attributes"] == "tile=1"
+        assert headers["Content-Type"] == "application/x-nitf"
+    credentials = model.client()._request_signer._credentials
+    assert credentials.access_key.startswith("ASIA")  # moto's temporary (assumed-role) keys
+    assert model.stats()["calls"] == 2
+
+
+@pytest.mark.parametrize(("code", "status", "original", "retryable"), [
+    ("ThrottlingException", 400, None, True), ("InternalFailure", 500, None, True),
+    ("ModelError", 424, 503, True), ("ModelError", 424, 400, False), ("ValidationError", 400, None, False),
+])
+def test_sagemaker_errors_are_classified(code, status, original, retryable):
+    from botocore.exceptions import ClientError
+
+    response = {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}
+    if original:
+        response["OriginalStatusCode"] = original
+    failure = _client_failure(ClientError(response, "InvokeEndpoint"))
+    assert failure.retryable is retryable and code in failure.reason
