@@ -92,11 +92,13 @@ class Listener:
 
     def handle(self, message) -> None:
         """One message, start to finish; never raises (a failure is recorded, not thrown)."""
+        from mr.policy import check_request
         from mr.request import ImageRequest, RequestError
 
         started = time.time()
         try:
             request = ImageRequest.from_message(message.body)
+            check_request(request)
         except RequestError as error:
             job_id = _job_id_of(message.body, f"invalid-{message.message_id}")
             self._fail(job_id, "unknown", _text(message.body), str(error), started)

@@ -320,3 +320,15 @@ def test_an_endpoint_that_keeps_failing_ends_partial_with_the_tiles_named(scene,
     assert len(shown["failed_tiles"]) == shown["tile_count"] > 0
     assert all("HTTP 500" in tile["reason"] and tile["bounds"] for tile in shown["failed_tiles"])
     assert features_of(out) == []
+
+
+def test_requests_outside_the_allowed_roots_fail(scene, embedded, tmp_path):
+    out = tmp_path / "never.geojson"
+    request = tmp_path / "outside.json"
+    request.write_text(json.dumps(osml_request("job-outside", scene[0], [{"type": "File", "path": str(out)}])))
+    assert mr_command("mr", "submit", str(request), "--queue", embedded["queue"]).returncode == 0
+    env = {"DASK_MR__SECURITY__LOCAL_ROOTS": json.dumps([str(tmp_path / "allowed")])}
+    listened = mr_command("mr.listen", "--once", *embedded["args"], env=env)
+    assert listened.returncode == 0, listened.stderr
+    shown = json.loads(mr_command("mr", "status", "job-outside", "--store", embedded["store"]).stdout)
+    assert shown["status"] == "FAILED" and "imageUrls[0]" in shown["message"] and not out.exists()
