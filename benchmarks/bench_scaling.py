@@ -1,0 +1,128 @@
+"""Scaling from 1 to 2 workers with a CPU-bound model, and what the scheduler costs, measured in one run.
+
+The model is mr's built-in detector plus a fixed extra numpy workload per tile (``--fft-rounds`` forward and inverse
+2-D FFTs of the float32 tile: pocketfft, single-threaded, no BLAS threads), so every region task is pure CPU work.
+Over ``scene_file(SIZE)`` (default 10,000²) with 1024-pixel tiles and 50 of overlap, for each region size, on a
+LocalCluster of 1 and then of 2 workers × 1 thread:
+
+- speed 2 workers ÷ 1 worker (goal ≥ 1.8×) — wall time from submitting the graph to the gathered table;
+- tasks: those in the graph, and those the workers ran (the task stream);
+- scheduler time per megapixel, from ``distributed.get_task_stream(client)`` (the scheduler's task stream plugin): every task's "compute" interval on its worker.
+  ``idle = workers × wall − Σ compute`` is the worker time spent on anything but running task code: graph
+  submission, scheduler decisions and messages, (de)serialisation, data transfer between workers, the gather, and
+  load imbalance at the tail (a worker with nothing left to run). Submission (``client.compute``) is timed apart,
+  and the gaps between consecutive tasks on one worker (scheduler round trips while there is work) are summed apart
+  from the tail wait.
+
+  python -m benchmarks.bench_scaling [--size 10000] [--region-sizes 4096 2048] [--fft-rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from benchmarks.common import row, scene_file
+
+
+@dataclass(frozen=True)
+class HeavyDetector:
+    """The built-in detector plus ``rounds`` forward/inverse FFTs of each tile: a CPU-bound stand-in for a model."""
+
+    rounds: int = 3
+    name: ClassVar[str] = "heavy-builtin"
+
+    def __call__(self, tiles: np.ndarray):
+        from mr.models.builtin import BuiltinDetector
+
+        for tile in tiles:
+            x = tile.astype(np.float32)
+            for _ in range(self.rounds):
+                x = np.fft.irfft2(np.fft.rfft2(x), s=x.shape[-2:]).astype(np.float32)
+        return BuiltinDetector()(tiles)
+
+
+def timed_run(path, client, model, region_size: int) -> dict:
+    import mr
+    from mr.api import _Part
+    from mr.features import FeatureTable
+
+    result = mr.detect(mr.open_image(path), model, tile_size=1024, overlap=50, region_size=region_size)
+    graph_tasks = len(result.built.graph)
+    workers = len(client.scheduler_info()["workers"])
+    from distributed import get_task_stream
+
+    with get_task_stream(client) as stream:
+        started = time.perf_counter()
+        futures = client.compute([_Part(result, key) for key in result.built.part_keys])
+        submitted = time.perf_counter()
+        table = FeatureTable.concat(client.gather(futures))
+        wall = time.perf_counter() - started
+    compute, gaps = 0.0, 0.0
+    by_worker: dict[str, list[tuple[float, float]]] = {}
+    for task in stream.data:
+        for interval in task["startstops"]:
+            if interval["action"] == "compute":
+                compute += interval["stop"] - interval["start"]
+                by_worker.setdefault(task["worker"], []).append((interval["start"], interval["stop"]))
+    for spans in by_worker.values():
+        spans.sort()
+        gaps += sum(max(0.0, b[0] - a[1]) for a, b in zip(spans, spans[1:]))
+    return {
+        "wall": wall,
+        "submit": submitted - started,
+        "graph_tasks": graph_tasks,
+        "ran": len(stream.data),
+        "regions": result.plan.grid.region_count,
+        "compute": compute,
+        "idle": workers * wall - compute,
+        "gaps": gaps,
+        "n": len(table),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=10_000)
+    parser.add_argument("--region-sizes", type=int, nargs="+", default=[4096, 2048])
+    parser.add_argument("--fft-rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    import mr
+    from benchmarks.bench_scaling import HeavyDetector  # importable by reference on the workers
+
+    path = scene_file(args.size)
+    path.read_bytes()  # warm page cache
+    model = HeavyDetector(args.fft_rounds)
+    mpx = args.size**2 / 1e6
+    runs: dict[tuple[int, int], dict] = {}
+    for workers in (1, 2):
+        with mr.get_client(n_workers=workers, threads_per_worker=1) as client:
+            client.run(lambda: __import__("mr.models.builtin") and __import__("scipy.ndimage"))
+            for region_size in args.region_sizes:
+                runs[workers, region_size] = timed_run(path, client, model, region_size)
+
+    lines = [
+        f"scene {args.size}² ({mpx:.0f} MP), tile 1024, overlap 50, model {model.name} (fft rounds {model.rounds})"
+    ]
+    for region_size in args.region_sizes:
+        one, two = runs[1, region_size], runs[2, region_size]
+        speed = one["wall"] / two["wall"]
+        lines.append(row(f"2 workers ÷ 1, region {region_size}", f"{speed:.2f}×", "≥ 1.8×", speed >= 1.8))
+        lines.append(f"    {two['regions']} regions, {two['graph_tasks']} tasks in the graph, {two['ran']} run")
+        for workers, r in ((1, one), (2, two)):
+            lines.append(
+                f"    {workers} worker{'s' if workers > 1 else ' '}: {r['wall']:.2f} s ({mpx / r['wall']:.1f} MP/s), "
+                f"Σ task compute {r['compute']:.2f} s; not in task code {r['idle']:.2f} worker-s = "
+                f"{1000 * r['idle'] / mpx:.1f} ms/MP (submit {1000 * r['submit']:.0f} ms, "
+                f"gaps between tasks {1000 * r['gaps']:.0f} ms = {1000 * r['gaps'] / mpx:.2f} ms/MP); {r['n']} detections"
+            )
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
