@@ -1,0 +1,201 @@
+"""Endpoint throughput: tiles per second through ``mr serve`` on loopback when mr's pipeline drives it, ÷ what the
+same server sustains under a plain HTTP load generator with the same concurrency posting the same encoded tiles.
+
+The server runs in its own process (a model that finds nothing by default, so the server's cost is small), so
+neither client shares its GIL. The pipeline is ``mr.detect(mr.open_image(scene), HttpEndpointModel(url,
+tile_format="GTIFF", max_in_flight=C), tile_size=512, overlap=32)`` computed on a local cluster; the load generator
+is C threads, each with one keep-alive ``http.client`` connection, posting the pipeline's own tiles pre-encoded
+with ``mr.encoding.encode_tile`` (GTIFF, no compression). Runs alternate (load generator, pipeline) and the best
+of ``--repeats`` of each is kept. Goal: ratio ≥ 0.9.
+
+  python -m benchmarks.bench_endpoint [--size 6000] [--concurrency 4 8] [--workers 2] [--repeats 3]
+                                      [--server-model null|builtin] [--server-nodelay]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import psutil
+import rasterio
+from rasterio.windows import Window
+
+import mr
+from benchmarks.common import row, scene_file
+from mr.encoding import content_type, encode_tile
+from mr.models.endpoint import HttpEndpointModel
+
+TILE, OVERLAP = 512, 32
+
+_SERVER = """
+import sys
+from mr.serve import make_server, _OsmlHandler
+if sys.argv[2] == "nodelay":  # TCP_NODELAY on the server's sockets: no Nagle stall between headers and body
+    _OsmlHandler.disable_nagle_algorithm = True
+if sys.argv[1] == "null":
+    from benchmarks.common import NullModel
+    model = NullModel()
+else:
+    from mr.models.registry import resolve_model
+    model = resolve_model(sys.argv[1])
+server = make_server(model, "127.0.0.1", 0)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+def start_server(model: str, nodelay: bool = False) -> tuple[subprocess.Popen, str]:
+    """``mr serve`` for ``model`` in a fresh process on a free loopback port; its base URL once it listens.
+
+    ``nodelay`` sets TCP_NODELAY on the server's connections (``disable_nagle_algorithm``), which ``mr.serve`` does
+    not do: it writes the reply's headers and body in two sends, and Nagle holds the body until the client's delayed
+    ACK of the headers (~40 ms on Linux loopback), whoever the client is.
+    """
+    root = Path(__file__).resolve().parent.parent
+    argv = [sys.executable, "-c", _SERVER, model, "nodelay" if nodelay else "default"]
+    process = subprocess.Popen(argv, cwd=root, stdout=subprocess.PIPE, text=True)
+    port = int(process.stdout.readline())
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            connection.request("GET", "/ping")
+            if connection.getresponse().status == 200:
+                break
+        except OSError:
+            time.sleep(0.05)
+    return process, url
+
+
+def encoded_tiles(path: Path) -> list[bytes]:
+    """Every tile of the pipeline's grid (tile 512, overlap 32), read from the file and encoded as GTIFF."""
+    plan = mr.detect(mr.open_image(path), "builtin", tile_size=TILE, overlap=OVERLAP).plan
+    bounds = plan.grid.tile_bounds().reshape(-1, 4)
+    payloads = []
+    with rasterio.open(path) as src:
+        for x0, y0, x1, y1 in bounds:
+            tile = src.read(window=Window(int(x0), int(y0), int(x1 - x0), int(y1 - y0)))
+            payloads.append(encode_tile(tile, fmt="GTIFF", compression="NONE"))
+    return payloads
+
+
+def load_generator_seconds(url: str, payloads: list[bytes], concurrency: int) -> float:
+    """Seconds for ``concurrency`` keep-alive connections to post every payload once (read each reply fully)."""
+    parts = urlsplit(url)
+    headers = {"Content-Type": content_type("GTIFF"), "Accept": "application/json"}
+    lock = threading.Lock()
+    queue = iter(payloads)
+    errors: list[str] = []
+    connections = [http.client.HTTPConnection(parts.hostname, parts.port, timeout=30) for _ in range(concurrency)]
+    for connection in connections:
+        connection.connect()
+    start = threading.Barrier(concurrency + 1)
+
+    def worker(connection: http.client.HTTPConnection) -> None:
+        start.wait()
+        while True:
+            with lock:
+                payload = next(queue, None)
+            if payload is None:
+                return
+            connection.request("POST", "/invocations", body=payload, headers=headers)
+            response = connection.getresponse()
+            body = response.read()
+            if response.status != 200 or not body:
+                errors.append(f"HTTP {response.status}")
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in connections]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    began = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - began
+    for connection in connections:
+        connection.close()
+    if errors:
+        raise RuntimeError(f"load generator: {len(errors)} failed calls, e.g. {errors[0]}")
+    return seconds
+
+
+def pipeline_seconds(path: Path, url: str, concurrency: int, client) -> tuple[float, int]:
+    """Seconds for mr's pipeline to run the endpoint model over every tile of ``path`` (graph built beforehand)."""
+    from mr.run import compute_table
+
+    # one name per concurrency: the cluster-wide semaphore is keyed by the name and keeps its first max_leases
+    model = HttpEndpointModel(url + "/invocations", tile_format="GTIFF", max_in_flight=concurrency,
+                              name=f"bench-endpoint-c{concurrency}")
+    result = mr.detect(mr.open_image(path), model, tile_size=TILE, overlap=OVERLAP)
+    began = time.perf_counter()
+    table = compute_table(result, client)
+    return time.perf_counter() - began, len(table)
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=6000)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads-per-worker", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--server-model", default="null")
+    parser.add_argument("--server-nodelay", action="store_true", help="TCP_NODELAY on the server (see start_server)")
+    args = parser.parse_args()
+    from mr.cluster import get_client
+
+    path = scene_file(args.size)
+    payloads = encoded_tiles(path)
+    tiles = len(payloads)
+    server, url = start_server(args.server_model, args.server_nodelay)
+    server_process = psutil.Process(server.pid)
+    lines = [(f"    {tiles} tiles of {TILE}² (overlap {OVERLAP}) from {args.size}², GTIFF {len(payloads[0])} bytes each; "
+             f"server model {args.server_model!r}{' + TCP_NODELAY' if args.server_nodelay else ''}, {args.workers} workers × {args.threads_per_worker} thread")]
+    try:
+        with get_client(n_workers=args.workers, threads_per_worker=args.threads_per_worker) as client:
+            for concurrency in args.concurrency:
+                pipeline_seconds(path, url, concurrency, client)  # warm workers, pools, page cache
+                load_generator_seconds(url, payloads, concurrency)
+                direct, piped, found = [], [], 0
+                server_cpu = {"direct": 0.0, "pipeline": 0.0}
+                for _ in range(args.repeats):
+                    before = cpu_seconds(server_process)
+                    direct.append(load_generator_seconds(url, payloads, concurrency))
+                    middle = cpu_seconds(server_process)
+                    seconds, found = pipeline_seconds(path, url, concurrency, client)
+                    piped.append(seconds)
+                    server_cpu["direct"] += middle - before
+                    server_cpu["pipeline"] += cpu_seconds(server_process) - middle
+                direct_rate, piped_rate = tiles / min(direct), tiles / min(piped)
+                ratio = piped_rate / direct_rate
+                lines.append(
+                    row(f"endpoint via pipeline ÷ load generator, C={concurrency}", f"{ratio:.2f}×", "≥ 0.9",
+                        ratio >= 0.9)
+                )
+                lines.append(
+                    f"    C={concurrency}: pipeline {piped_rate:.0f} tiles/s (runs {', '.join(f'{s:.2f}' for s in piped)} s)"
+                    f", load generator {direct_rate:.0f} tiles/s (runs {', '.join(f'{s:.2f}' for s in direct)} s); "
+                    f"server CPU per tile {1e3 * server_cpu['pipeline'] / (tiles * args.repeats):.1f} ms vs "
+                    f"{1e3 * server_cpu['direct'] / (tiles * args.repeats):.1f} ms; {found} features"
+                )
+                print(lines[-2], lines[-1], sep="\n", flush=True)
+    finally:
+        server.terminate()
+        server.wait()
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
