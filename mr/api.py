@@ -153,6 +153,7 @@ def _to_frame(parts: list, metadata: OutputMetadata):
     table = FeatureTable.concat(parts)
     frame = to_geodataframe(table, metadata)
     frame.attrs["failed_tiles"] = list(table.failed_tiles)
+    frame.attrs["metrics"] = table.metrics.summary() if table.metrics is not None else {}
     if table.failed_tiles:
         warnings.warn(
             f"{len(table.failed_tiles)} tile(s) failed and their features are missing: see frame.attrs['failed_tiles']",
@@ -168,6 +169,11 @@ def _rebuild(graph, result: DetectionResult, rename=None) -> DetectionResult:
         graph = HighLevelGraph.from_collections(result.built.name, dict(graph), dependencies=())
     built = DetectionGraph(graph, result.built.part_keys, result.built.name)
     return DetectionResult(built, result.plan, result.georeference, result.metadata)
+
+
+def input_format_of(image: xr.DataArray) -> str:
+    """The image's format for metric dimensions (GTIFF, NITF, …); ARRAY for an in-memory array."""
+    return str(image.attrs.get("input_format") or "ARRAY")
 
 
 def as_image(image: "xr.DataArray | str | os.PathLike") -> xr.DataArray:
@@ -224,7 +230,10 @@ def detect(
     )
     mask = region.tile_mask(grid) if region else None
     tile_count = int(mask.sum()) if mask is not None else grid.tile_count
-    job = RegionJob(grid, resolved_model, settings, mask, region.pixels if region else None, checkpoint)
+    job = RegionJob(
+        grid, resolved_model, settings, mask, region.pixels if region else None, checkpoint,
+        job_id=job_id, image_id=str(image.attrs.get("image_id", "")), input_format=input_format_of(image),
+    )
     results = region_results(image, job)
     built = build_detection_graph(results, grid, settings, georef)
     metadata = OutputMetadata(

@@ -1,4 +1,4 @@
-"""Command line: ``python -m mr run | demo | submit | status | serve`` (the listener is ``python -m mr.listen``)."""
+"""Command line: ``python -m mr run | demo | submit | status | sweep | serve`` (listener: ``python -m mr.listen``)."""
 
 from __future__ import annotations
 
@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show a job's record")
     status.add_argument("job_id")
     status.add_argument("--store", help="sqlite:///PATH or dynamodb://TABLE-PREFIX (default: configured)")
+    sweep = commands.add_parser("sweep", help="fail the jobs whose requests were lost (no progress for a while)")
+    sweep.add_argument("--store", help="sqlite:///PATH or dynamodb://TABLE-PREFIX (default: configured)")
+    sweep.add_argument("--notices", help="sns://TOPIC or an SNS topic ARN (default: configured, else the log)")
+    sweep.add_argument("--stuck-after", type=float, help="seconds without progress (default: mr.service.stuck-after)")
     return parser
 
 
@@ -97,6 +101,26 @@ def command_status(args: argparse.Namespace) -> int:
         return 1
     fields = {k: getattr(v, "value", v) for k, v in dataclasses.asdict(record).items() if k != "request"}
     print(json.dumps(fields, indent=2, default=str))
+    return 0
+
+
+def command_sweep(args: argparse.Namespace) -> int:
+    """One sweep for stuck jobs; prints each job it failed as one JSON line (without its request text)."""
+    import json
+
+    from mr.service import resolve_service, resolve_sweep
+    from mr.state import open_notifier, open_store
+    from mr.sweeper import sweep_stuck_jobs
+
+    settings = resolve_service(store=args.store, notices=args.notices)
+    stuck_after = resolve_sweep(args.stuck_after)["stuck_after"]
+    store = open_store(settings.store)
+    try:
+        failed = sweep_stuck_jobs(store, open_notifier(settings.notices), stuck_after)
+    finally:
+        store.close()
+    for record in failed:
+        print(json.dumps({k: v for k, v in record.to_dict().items() if k != "request"}, default=str))
     return 0
 
 
@@ -201,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
         commands = {
             "run": command_run, "demo": command_demo, "submit": command_submit, "status": command_status,
-            "serve": run_from_args,
+            "sweep": command_sweep, "serve": run_from_args,
         }
         return commands[args.command](args)
     except MrError as error:

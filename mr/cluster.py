@@ -9,6 +9,11 @@ from mr import config
 
 log = logging.getLogger(__name__)
 
+try:
+    from distributed.diagnostics.plugin import WorkerPlugin
+except ImportError:  # pragma: no cover - distributed is a dependency
+    WorkerPlugin = object  # type: ignore[assignment,misc]
+
 
 def get_client(address: str | None = None, n_workers: int | None = None, **local: Any):
     """A client for ``address`` (or ``mr.cluster.address``), else for a Dask Gateway cluster when
@@ -44,3 +49,24 @@ def _gateway_settings():
     from mr.gateway import resolve_gateway
 
     return resolve_gateway()
+
+
+class WorkerLogging(WorkerPlugin):
+    """Gives each worker process the client's log format and level, so worker lines carry the job they serve."""
+
+    name = "mr-logging"
+
+    def __init__(self, fmt: str, level: str | int) -> None:
+        self.fmt, self.level = fmt, level
+
+    def setup(self, worker) -> None:
+        from mr.logs import configure_logging
+
+        configure_logging(self.fmt, self.level)
+        for noisy in ("distributed", "bokeh", "tornado"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def log_like_client(client, fmt: str, level: str | int = "INFO") -> None:
+    """Set the log format up on the cluster's workers, now and on workers that join later."""
+    client.register_plugin(WorkerLogging(fmt, level), name=WorkerLogging.name)

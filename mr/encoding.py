@@ -8,13 +8,18 @@ request fails with an :class:`~mr.errors.InvalidInputError` that names the allow
 
 NITF keeps the source pixel type (uint8, uint16, int16, float32); NITF J2K (IC=C8, through JP2OpenJPEG) is lossy
 but close, NITF JPEG (IC=C3) and JPEG are lossy, everything else is lossless.
+
+Uncompressed NITF and GTIFF are GDAL's fixed header followed by the raw pixels. GDAL writes them slowly (about 1 ms
+for a 512² GTIFF, 3 ms for a NITF: the cost that bounded an endpoint client), so for those the header GDAL writes
+for a (format, pixel type, shape) is kept once per process, after checking on two probe tiles that GDAL's bytes are
+exactly that header plus the pixels, and each tile is that header joined to its pixels: GDAL's bytes, in ~20 µs.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 
 import numpy as np
 import rasterio
@@ -116,6 +121,12 @@ def encode_tile(tile: np.ndarray, fmt: str = "NITF", compression: str = "NONE") 
     if tile.ndim != 3 or min(tile.shape) < 1:
         raise InvalidInputError("tile", tile.shape, "give a non-empty (bands, height, width) array")
     encoding = resolve_encoding(fmt, compression, tile.dtype, tile.shape[0])
+    splice = _splice(encoding.fmt, encoding.compression, tile.dtype.str, tile.shape)
+    return splice.encode(tile) if splice is not None else _gdal_encode(tile, encoding)
+
+
+def _gdal_encode(tile: np.ndarray, encoding: Encoding) -> bytes:
+    """``tile`` written by GDAL's CreateCopy from a MEM dataset into a /vsimem file: every codec, slowly."""
     bands, height, width = tile.shape
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -125,6 +136,46 @@ def encode_tile(tile: np.ndarray, fmt: str = "NITF", compression: str = "NONE") 
             source.write(tile)
             rasterio.shutil.copy(source, target.name, driver=encoding.driver, **encoding.options)
             return target.read()
+
+
+_SPLICED: dict[tuple[str, str], tuple[str, str]] = {("NITF", "NONE"): ("band", ">"), ("GTIFF", "NONE"): ("pixel", "=")}
+"""Codecs written as GDAL's header then the raw pixels: (interleave, byte order) of the pixels. NITF (IC=NC) is
+band-sequential and big-endian; GDAL's GTiff is pixel-interleaved in the host's byte order."""
+
+
+@dataclass(frozen=True)
+class _Splice:
+    """GDAL's bytes for one uncompressed (format, pixel type, shape): a fixed header, then the pixels."""
+
+    header: bytes
+    interleave: str
+    """"band" (band-sequential) or "pixel" (pixel-interleaved)."""
+    dtype: np.dtype
+    """The pixels' type and byte order in the file."""
+
+    def encode(self, tile: np.ndarray) -> bytes:
+        """The header joined to the tile's pixels in the file's layout (one copy of the pixels, two of the bytes)."""
+        pixels = tile.transpose(1, 2, 0) if self.interleave == "pixel" else tile
+        return b"".join((self.header, np.ascontiguousarray(pixels, dtype=self.dtype)))
+
+
+@lru_cache(maxsize=64)
+def _splice(fmt: str, compression: str, dtype: str, shape: tuple[int, int, int]) -> _Splice | None:
+    """How to write tiles of this kind without GDAL, or None unless GDAL's bytes for two probe tiles are exactly
+    one header followed by the pixels (checked here, once per process, so any other GDAL layout falls back)."""
+    layout = _SPLICED.get((fmt, compression))
+    if layout is None:
+        return None
+    interleave, order = layout
+    encoding = resolve_encoding(fmt, compression, dtype, shape[0])
+    rng = np.random.default_rng(0)
+    probes = [rng.integers(0, 100, size=shape).astype(dtype) for _ in range(2)]
+    written = [_gdal_encode(probe, encoding) for probe in probes]
+    header = written[0][: len(written[0]) - probes[0].nbytes]
+    splice = _Splice(header, interleave, np.dtype(dtype).newbyteorder(order))
+    if all(splice.encode(probe) == data for probe, data in zip(probes, written)):
+        return splice
+    return None
 
 
 def decode_tile(data: bytes, max_bytes: int = _MAX_DECODED_BYTES) -> np.ndarray:

@@ -16,14 +16,30 @@ class InvalidInputError(MrError, ValueError):
         self.reason = reason
         super().__init__(f"{field}={value!r}: {reason}")
 
+    def __reduce__(self) -> tuple:
+        """Pickle to the constructor arguments, so that the error crosses from a Dask worker intact."""
+        return (type(self), (self.field, self.value, self.reason))
+
 
 class ImageOpenError(MrError):
     """An image that is missing, unreadable or in an unsupported format."""
 
+    verb = "open"
+
     def __init__(self, url: str, reason: str) -> None:
         self.url = url
         self.reason = reason
-        super().__init__(f"cannot open image {url}: {reason}")
+        super().__init__(f"cannot {self.verb} image {url}: {reason}")
+
+    def __reduce__(self) -> tuple:
+        """Pickle to the constructor arguments, so that the error crosses from a Dask worker intact."""
+        return (type(self), (self.url, self.reason))
+
+
+class ImageReadError(ImageOpenError):
+    """Pixels of an image that opened could not be read (corrupt or truncated data, a failed transfer)."""
+
+    verb = "read"
 
 
 class ModelError(MrError):

@@ -29,6 +29,8 @@ class FeatureTable:
     """float64 (n, 2): lon, lat of each box centre (NaN without georeference)."""
     failed_tiles: tuple = ()
     """Tiles the model could not process (see `mr.regions.failed_tile`): their features are missing."""
+    metrics: Any = None
+    """A `mr.metrics.Metrics` of the work that produced these rows, or None."""
 
     def __len__(self) -> int:
         return len(self.detections)
@@ -43,7 +45,18 @@ class FeatureTable:
             np.concatenate([t.world for t in tables]),
             np.concatenate([t.centers for t in tables]).reshape(-1, 2),
             tuple(tile for t in tables for tile in t.failed_tiles),
+            _combined_metrics(tables),
         )
+
+
+def _combined_metrics(tables: list[FeatureTable]):
+    """The metrics of many parts as one, or None when no part carries any."""
+    measured = [t.metrics for t in tables if t.metrics is not None]
+    if not measured:
+        return None
+    from mr.metrics import Metrics
+
+    return Metrics.combine(measured)
 
 
 def pixel_geometry(detections: Detections) -> np.ndarray:

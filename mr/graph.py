@@ -1,4 +1,8 @@
-"""Graph construction: region blocks through ``map_overlap``, then a tree that settles seam features.
+"""Graph construction: one read-and-infer task per region, then a tree that settles seam features.
+
+Task names say what each step is on the dashboard: ``read-infer-region`` (one task reads a region's window and
+runs its tiles, so pixels never travel between workers), ``geolocate-region``, ``pending-region``,
+``merge-seams``, ``geolocate-seams`` and ``pending-seams``.
 
 This is the only module that builds dask graphs. It reads no pixels and computes nothing; task keys are
 deterministic (``tokenize`` of the inputs), so the same request always gives the same graph.
@@ -7,6 +11,8 @@ deterministic (``tokenize`` of the inputs), so the same request always gives the
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from dataclasses import dataclass
 
 import dask.array as da
@@ -14,12 +20,16 @@ import numpy as np
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
+from mr.detections import Detections
 from mr.features import FeatureTable, geolocate
 from mr.geo import Georeference
+from mr.logs import log_context
+from mr.metrics import Metrics, Operation
 from mr.models.base import Model
-from mr.detections import Detections
-from mr.regions import RegionResult, RegionSettings, RegionTask, merge_pending, process_region
+from mr.regions import RegionResult, RegionSettings, RegionTask, merge_pending, process_region, region_tiles
 from mr.tiling import TileGrid
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,10 @@ class RegionJob:
     """The region of interest in full-image pixels, or None."""
     checkpoint: object | None = None
     """A `mr.checkpoint.RegionCheckpoint`: finished regions are saved there and, when present, not recomputed."""
+    job_id: str = ""
+    image_id: str = ""
+    input_format: str = ""
+    """Names of the work, for log lines and metric dimensions."""
 
     def task(self, ry: int, rx: int) -> RegionTask:
         mask = None
@@ -69,19 +83,35 @@ def _skipped(task: RegionTask) -> bool:
 
 
 def _run_region(read, job: RegionJob, ry: int, rx: int) -> np.ndarray:
-    """Load the region from its checkpoint, or read its pixels, run it and checkpoint it."""
-    if job.checkpoint is not None:
-        stored = job.checkpoint.load(ry, rx)
-        if stored is not None:
-            return _boxed(stored)
-    task = job.task(ry, rx)
-    if _skipped(task):
-        result = RegionResult(Detections.empty(), Detections.empty(), 0, 0.0)
-    else:
-        result = process_region(read(), job.grid, task, job.model, job.settings, job.roi)
-    if job.checkpoint is not None:
-        job.checkpoint.save(ry, rx, result)
-    return _boxed(result)
+    """Load the region from its checkpoint, or read its pixels, run it and checkpoint it (each step measured)."""
+    with log_context(job_id=job.job_id, image_id=job.image_id, region=f"r{ry}-c{rx}"):
+        if job.checkpoint is not None:
+            stored = job.checkpoint.load(ry, rx)
+            if stored is not None:
+                log.info("region r%d-c%d: loaded from its checkpoint, not recomputed", ry, rx)
+                return _boxed(stored)
+        started = time.perf_counter()
+        metrics = Metrics()
+        task = job.task(ry, rx)
+        model_name, input_format = job.model.name, job.input_format
+        if _skipped(task):
+            result = RegionResult(Detections.empty(), Detections.empty(), 0, 0.0)
+        else:
+            tiles = len(region_tiles(job.grid, task))
+            with metrics.timed(Operation.TILE_GENERATION, invocations=tiles, input_format=input_format):
+                block = read()
+            result = process_region(block, job.grid, task, job.model, job.settings, job.roi, metrics)
+            del block
+        if job.checkpoint is not None:
+            with metrics.timed(Operation.FEATURE_STORAGE):
+                job.checkpoint.save(ry, rx, result)
+        seconds = time.perf_counter() - started
+        metrics.add(Operation.REGION_PROCESSING, seconds, model_name=model_name, input_format=input_format)
+        log.info(
+            "region r%d-c%d: %d tiles, %d features settled, %d pending, %d failed tiles in %.2f s",
+            ry, rx, result.tiles, len(result.settled), len(result.pending), len(result.failed_tiles), seconds,
+        )
+        return _boxed(dataclasses.replace(result, metrics=metrics))
 
 
 def _read_then(kernel, reader, grid: TileGrid, job, ry: int, rx: int):
@@ -128,12 +158,22 @@ def region_results(image, job: RegionJob) -> da.Array:
     grid = job.grid
     chunks = ((1,) * grid.y.region_count, (1,) * grid.x.region_count)
     meta = np.empty((0, 0), dtype=object)
-    return region_tasks(image, grid, _run_region, job, prefix="infer-region", chunks=chunks, meta=meta, drop_band=True)
+    return region_tasks(
+        image, grid, _run_region, job, prefix="read-infer-region", chunks=chunks, meta=meta, drop_band=True
+    )
+
+
+def _located(settled: Detections, georef: Georeference | None, measured: Metrics, failed: tuple = ()) -> FeatureTable:
+    """Settled rows geolocated (measured as FeatureRefinement), carrying the metrics of the work that found them."""
+    metrics = Metrics().merge(measured)
+    with metrics.timed(Operation.FEATURE_REFINEMENT):
+        table = geolocate(settled, georef)
+    return dataclasses.replace(table, failed_tiles=failed, metrics=metrics)
 
 
 def _settled(cell: np.ndarray, georef: Georeference | None) -> FeatureTable:
     result = cell[0, 0]
-    return dataclasses.replace(geolocate(result.settled, georef), failed_tiles=result.failed_tiles)
+    return _located(result.settled, georef, result.metrics, result.failed_tiles)
 
 
 def _pending(cell: np.ndarray):
@@ -141,7 +181,7 @@ def _pending(cell: np.ndarray):
 
 
 def _node_settled(node: tuple, georef: Georeference | None) -> FeatureTable:
-    return geolocate(node[0], georef)
+    return _located(node[0], georef, node[2])
 
 
 def _node_pending(node: tuple):
@@ -183,7 +223,7 @@ def build_detection_graph(
 ) -> DetectionGraph:
     """Leaves: each region's settled features, geolocated. Nodes: the seam tree over pending features."""
     token = tokenize(results.name, georef, split_every)
-    settle_name, pending_name = f"settle-region-{token}", f"pending-region-{token}"
+    settle_name, pending_name = f"geolocate-region-{token}", f"pending-region-{token}"
     layers: dict = {settle_name: {}, pending_name: {}}
     parts: list = []
     ny, nx = results.numblocks
@@ -197,7 +237,7 @@ def build_detection_graph(
     deps = {settle_name: {results.name}, pending_name: {results.name}}
     for level, nodes in seam_tree_groups((ny, nx), split_every):
         merge, settled, pending = (
-            f"{kind}-{level}-{token}" for kind in ("merge-seams", "settle-seams", "pending-seams")
+            f"{kind}-{level}-{token}" for kind in ("merge-seams", "geolocate-seams", "pending-seams")
         )
         layers[merge], layers[settled], layers[pending] = {}, {}, {}
         for (py, px), children, group in nodes:

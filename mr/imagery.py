@@ -34,6 +34,7 @@ from dask.base import tokenize
 
 from mr.errors import ImageOpenError, InvalidInputError
 from mr.geo import Georeference, georeference_from_dataset
+from mr.limits import RasterHeader, header_problem, resolve_image_limits
 
 try:  # GDAL errors that rasterio lets through unwrapped (rasterio 1.x keeps them in a private module)
     from rasterio._err import CPLE_BaseError
@@ -65,8 +66,9 @@ def open_image(
     ``endpoint_url``: a custom S3 endpoint (default: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, else AWS).
 
     ``attrs`` adds to rioxarray's: ``georeference`` (:class:`mr.geo.Georeference`), ``source`` (the URL as
-    given), ``open_options`` (for :func:`reopen`), ``image_id``, ``nodata``, ``dtype`` and
-    ``source_metadata`` (NITF header fields plus OversightML's sourceMetadata keys; None for other formats).
+    given), ``open_options`` (for :func:`reopen`), ``image_id``, ``nodata``, ``dtype``, ``input_format``
+    (GTIFF, NITF, …) and ``source_metadata`` (NITF header fields plus OversightML's sourceMetadata keys; None
+    for other formats).
     """
     source = resolve_source(url, endpoint_url)
     with source.env.activate():
@@ -74,6 +76,7 @@ def open_image(
             band_indexes = _resolve_bands(bands, ds.count)
             info = _image_info(source, ds)
             block_shape = ds.block_shapes[0]
+            driver = ds.driver
         template = _rioxarray_template(source)
     if bands is not None:
         template = template.isel(band=[b - 1 for b in band_indexes])
@@ -94,9 +97,18 @@ def open_image(
         nodata=info.nodata,
         dtype=info.dtype,
         source_metadata=info.source_metadata,
+        input_format=input_format(driver),
         reader=reader,
     )
     return result
+
+
+_FORMATS = {"GTiff": "GTIFF", "COG": "GTIFF", "NITF": "NITF", "JPEG": "JPEG", "PNG": "PNG", "JP2OpenJPEG": "JP2"}
+
+
+def input_format(driver: str) -> str:
+    """The ``InputFormat`` metric dimension for a GDAL driver (OversightML's format names where they exist)."""
+    return _FORMATS.get(driver, driver.upper())
 
 
 def image_reader(image: xr.DataArray) -> RasterReader | None:
@@ -154,7 +166,8 @@ def _check_local_file(source: ImageSource) -> None:
 
 
 def _check_raster(source: ImageSource, ds: rasterio.io.DatasetReader) -> None:
-    """Reject what cannot become one (band, y, x) array: containers, band-less or mixed-type files, truncation."""
+    """Reject what cannot become one (band, y, x) array: containers, band-less files, headers over the limits
+    (decompression bombs), unsupported pixel types, truncation. Metadata only: no pixel is read."""
     if ds.subdatasets:
         raise ImageOpenError(
             source.url,
@@ -163,10 +176,19 @@ def _check_raster(source: ImageSource, ds: rasterio.io.DatasetReader) -> None:
         )
     if ds.count < 1:
         raise ImageOpenError(source.url, "has no raster bands")
-    if len(set(ds.dtypes)) > 1:
-        raise ImageOpenError(source.url, f"bands have different data types {sorted(set(ds.dtypes))}")
+    problem = header_problem(_raster_header(ds), resolve_image_limits())
+    if problem:
+        raise ImageOpenError(source.url, problem)
     if source.is_local and ds.driver == "GTiff":
         _check_tiff_complete(source, ds)
+
+
+def _raster_header(ds: rasterio.io.DatasetReader) -> RasterHeader:
+    """What the header claims, for :func:`mr.limits.header_problem`."""
+    interleaving = getattr(ds.interleaving, "name", None)
+    return RasterHeader(
+        ds.width, ds.height, ds.count, tuple(ds.dtypes), tuple(ds.block_shapes[0]), interleaving == "pixel"
+    )
 
 
 def _check_tiff_complete(source: ImageSource, ds: rasterio.io.DatasetReader) -> None:

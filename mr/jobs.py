@@ -20,6 +20,9 @@ from mr.detections import Detections
 from mr.errors import MrError
 from mr.features import FeatureTable, OutputMetadata
 from mr.imagery import open_image
+from mr.limits import require_georeference
+from mr.logs import log_context
+from mr.metrics import Metrics, Operation
 
 
 class Interrupted(MrError):
@@ -43,36 +46,51 @@ def compute_with_keepalive(
     stop: threading.Event,
     interval: float,
     on_region: Callable[[int, int, FeatureTable], None] = lambda ry, rx, table: None,
+    on_part: Callable[[FeatureTable], None] = lambda table: None,
+    metrics: Metrics | None = None,
 ) -> FeatureTable:
-    """Compute on the cluster, calling ``keepalive`` every ``interval`` seconds and ``on_region`` as each region's
-    settled features arrive; give up (before anything is published) if ``stop`` is set."""
+    """Compute on the cluster, calling ``keepalive`` every ``interval`` seconds, ``on_region`` as each region's
+    settled features arrive and ``on_part`` for every part (regions and seam merges); give up (before anything is
+    published) if ``stop`` is set. Gathering the parts into one table is measured as FeatureAggregation."""
+    metrics = metrics if metrics is not None else Metrics()
     from distributed import wait
 
     futures = client.compute([_Part(result, key) for key in result.built.part_keys])
     part_of = dict(zip(futures, result.built.part_keys))
     pending = set(futures)
+    next_keepalive = time.monotonic() + interval
     try:
         while pending:
             try:
                 wait(list(pending), timeout=interval, return_when="FIRST_COMPLETED")
-            except TimeoutError:  # still running: keep the lease, unless the service is stopping
+            except TimeoutError:  # still running: keep going, unless the service is stopping
                 if stop.is_set():
                     raise Interrupted("stopping: the request is left to be delivered again") from None
+            if time.monotonic() >= next_keepalive:  # on elapsed time: parts finishing often must not starve it
                 keepalive()
-                continue
+                next_keepalive = time.monotonic() + interval
+            if stop.is_set():
+                raise Interrupted("stopping: the request is left to be delivered again")
             for future in [f for f in pending if f.done()]:
                 pending.discard(future)
                 key = part_of[future]
-                if future.status == "finished" and _is_region(key):
-                    on_region(int(key[1]), int(key[2]), future.result())
-        return FeatureTable.concat(client.gather(futures))
+                if future.status == "error":  # one region failed: the job fails, stop the others' work now
+                    client.cancel(list(pending))
+                    future.result()
+                if future.status == "finished":
+                    part = future.result()
+                    on_part(part)
+                    if _is_region(key):
+                        on_region(int(key[1]), int(key[2]), part)
+        with metrics.timed(Operation.FEATURE_AGGREGATION, invocations=len(futures)):
+            return FeatureTable.concat(client.gather(futures))
     finally:
         if stop.is_set():
             client.cancel(futures)
 
 
 def _is_region(key) -> bool:
-    return isinstance(key, tuple) and str(key[0]).startswith("settle-region-")
+    return isinstance(key, tuple) and str(key[0]).startswith("geolocate-region-")
 
 
 def _tagged(table: FeatureTable, image_id: str) -> FeatureTable:
@@ -80,7 +98,7 @@ def _tagged(table: FeatureTable, image_id: str) -> FeatureTable:
     det = table.detections
     properties = {**det.properties, "imageId": np.full(len(det), image_id, dtype=object)}
     tagged = Detections(det.boxes, det.scores, det.class_ids, det.class_names, det.tile_ids, det.geometry, properties)
-    return FeatureTable(tagged, table.world, table.centers, table.failed_tiles)
+    return FeatureTable(tagged, table.world, table.centers, table.failed_tiles, table.metrics)
 
 
 def process_images(
@@ -94,21 +112,63 @@ def process_images(
     interval: float = 10.0,
     on_planned: Callable[[str, DetectionResult], None] = lambda url, result: None,
     on_region: Callable[[str, int, int, FeatureTable], None] = lambda image_id, ry, rx, table: None,
+    on_part: Callable[[FeatureTable], None] = lambda table: None,
+    metrics: Metrics | None = None,
 ) -> list[ImageOutcome]:
-    """Detect in every image of a request; finished regions are checkpointed under ``work_dir``."""
+    """Detect in every image of a request; finished regions are checkpointed under ``work_dir``.
+
+    Client-side work (ImageProcessing per image, FeatureAggregation) is recorded in ``metrics``; what the workers
+    measured comes back in each outcome's ``table.metrics``.
+    """
     stop = stop or threading.Event()
+    metrics = metrics if metrics is not None else Metrics()
     outcomes = []
     for url in urls:
-        image = open_image(url)
+        started = time.perf_counter()
+        image = require_georeference(open_image(url))
         image_id = str(image.attrs["image_id"])
-        checkpoint = DirectoryCheckpoint(work_dir, job_id, image_id)
-        result = detect(image, checkpoint=checkpoint, **{**detect_options, "job_id": job_id})
-        on_planned(url, result)
-        table = compute_with_keepalive(
-            result, client, keepalive, stop, interval, lambda ry, rx, part: on_region(image_id, ry, rx, part)
-        )
+        dimensions = {"input_format": str(image.attrs.get("input_format", ""))}
+        with log_context(image_id=image_id):
+            checkpoint = DirectoryCheckpoint(work_dir, job_id, image_id)
+            result = detect(image, checkpoint=checkpoint, **{**detect_options, "job_id": job_id})
+            dimensions["model_name"] = result.plan.model.name
+            on_planned(url, result)
+            try:
+                table = compute_with_keepalive(
+                    result, client, keepalive, stop, interval,
+                    lambda ry, rx, part: on_region(image_id, ry, rx, part), on_part, metrics,
+                )
+            except Interrupted:
+                raise
+            except BaseException:
+                metrics.add(Operation.IMAGE_PROCESSING, time.perf_counter() - started, errors=1, **dimensions)
+                raise
+            metrics.add(Operation.IMAGE_PROCESSING, time.perf_counter() - started, **dimensions)
         outcomes.append(ImageOutcome(image_id, url, _tagged(table, image_id), result))
     return outcomes
+
+
+def job_summary(metrics: Metrics, features: int, failed_tiles: int, seconds: float, endpoint: dict) -> dict:
+    """What a finished job stores and ``mr status`` shows: counts, throughput and each operation's figures."""
+    operations = metrics.summary()
+    tiles = operations.get(Operation.TILE_PROCESSING.value, {}).get("invocations", 0)
+    regions = operations.get(Operation.REGION_PROCESSING.value, {}).get("invocations", 0)
+    calls = operations.get(Operation.MODEL_INVOCATION.value, {})
+    summary = {
+        "tiles": tiles,
+        "regions_computed": regions,
+        "failed_tiles": failed_tiles,
+        "features": features,
+        "seconds": round(seconds, 3),
+        "tiles_per_second": round(tiles / seconds, 3) if seconds > 0 else None,
+        "model_invocations": calls.get("invocations", 0),
+        "retries": calls.get("retries", 0),
+        "throttles": calls.get("throttles", 0),
+        "operations": operations,
+    }
+    if endpoint:
+        summary["endpoint"] = endpoint
+    return summary
 
 
 def combined_output(outcomes: list[ImageOutcome], job_id: str) -> tuple[FeatureTable, OutputMetadata]:
@@ -134,17 +194,22 @@ def model_for_request(request):
     if processor.type is ModelInvokeMode.LOCAL:
         return processor.name
     from mr import config
-    from mr.models.endpoint import HttpEndpointModel, SageMakerModel
+    from mr.models.endpoint import Breaker, HttpEndpointModel, RetryPolicy, SageMakerModel
 
     common = {
         "tile_format": request.tile_format.value,
         "tile_compression": request.tile_compression.value,
         "max_in_flight": config.get("model.endpoint-max-in-flight"),
+        "retry": RetryPolicy(max_attempts=int(config.get("model.endpoint-max-attempts")),
+                             timeout=float(config.get("model.endpoint-timeout"))),
+        "breaker": Breaker(int(config.get("model.endpoint-breaker-failures")),
+                           float(config.get("model.endpoint-breaker-seconds"))),
     }
     if processor.type is ModelInvokeMode.HTTP_ENDPOINT:
         return HttpEndpointModel(processor.name, **common)
     parameters = dict(request.image_processor_parameters) or None
-    return SageMakerModel(processor.name, parameters=parameters, assumed_role=processor.assumed_role or None, **common)
+    return SageMakerModel(processor.name, parameters=parameters, assumed_role=processor.assumed_role or None,
+                          job_id=request.job_id, **common)
 
 
 def endpoint_counters(client, model) -> dict:

@@ -25,9 +25,13 @@ from mr.jobs import (
     combined_output,
     counters_since,
     endpoint_counters,
+    job_summary,
     model_for_request,
     process_images,
 )
+from mr.logs import log_context
+from mr.metrics import Metrics, Operation
+from mr.monitor import MonitorServer, ServiceMetrics, parse_address
 from mr.service import ServiceSettings, resolve_service
 
 log = logging.getLogger("mr.listen")
@@ -43,6 +47,7 @@ def _job_id_of(body: bytes, fallback: str) -> str:
     """The jobId of a message that failed validation, when it can be read at all."""
     try:
         value = json.loads(body).get("jobId")
+        value.encode("utf-8")  # a lone surrogate ("\ud800") cannot be stored: fall back
         return value if isinstance(value, str) and value.strip() and len(value) <= 256 else fallback
     except Exception:  # noqa: BLE001 - any unreadable body falls back to the message id
         return fallback
@@ -61,6 +66,32 @@ class Listener:
         self.store = open_store(settings.store)
         self.notifier = open_notifier(settings.notices)
         self.stop = threading.Event()
+        self.metrics = ServiceMetrics()
+        self.emf = bool(config.get("observability.emf"))
+        self.monitor: MonitorServer | None = None
+        self._next_sweep = 0.0  # monotonic time of the next sweep for stuck jobs (0: sweep at start)
+
+    def health_checks(self) -> dict:
+        """What ``/healthz`` asks: can the queue, the store and the cluster each answer now?"""
+        return {
+            "queue": self.queue.dead_letter_count,
+            "store": lambda: self.store.get_job("mr-healthz-probe"),
+            "cluster": lambda: _cluster_answers(self.client),
+        }
+
+    def serve_monitoring(self, address: str | None) -> MonitorServer | None:
+        """Serve ``/metrics`` and ``/healthz`` at ``host:port`` (any free port when that one is taken)."""
+        if not address:
+            return None
+        host, port = parse_address(address)
+        timeout = float(config.get("observability.health-timeout"))
+        try:
+            self.monitor = MonitorServer(self.metrics, self.health_checks(), host, port, timeout).start()
+        except OSError as error:
+            log.warning("cannot serve metrics on %s (%s): using a free port instead", address, error)
+            self.monitor = MonitorServer(self.metrics, self.health_checks(), host, 0, timeout).start()
+        log.info("metrics on %s/metrics, health on %s/healthz", self.monitor.url, self.monitor.url)
+        return self.monitor
 
     def run(self, once: bool = False) -> int:
         """Serve until stopped (or, with ``once``, until the queue is empty); returns the requests handled."""
@@ -68,6 +99,7 @@ class Listener:
         running: set[Future] = set()
         with ThreadPoolExecutor(self.settings.max_in_flight, thread_name_prefix="mr-request") as pool:
             while not self.stop.is_set():
+                self._sweep_if_due()
                 free = self.settings.max_in_flight - len(running)
                 messages = []
                 if free > 0:
@@ -90,8 +122,28 @@ class Listener:
                 future.result()
         return handled
 
+    def _sweep_if_due(self) -> None:
+        """Every sweep-every seconds, fail the jobs whose requests were lost (`mr.sweeper`); never raises."""
+        if not self.settings.sweep_every or time.monotonic() < self._next_sweep:
+            return
+        self._next_sweep = time.monotonic() + self.settings.sweep_every
+        from mr.sweeper import sweep_stuck_jobs
+
+        try:
+            sweep_stuck_jobs(self.store, self.notifier, self.settings.stuck_after)
+        except MrError as error:  # a store that cannot answer now: the next sweep tries again
+            log.warning("sweep for stuck jobs failed: %s", error)
+
     def handle(self, message) -> None:
         """One message, start to finish; never raises (a failure is recorded, not thrown)."""
+        self.metrics.received.inc()
+        self.metrics.in_flight.inc()
+        try:
+            self._handle(message)
+        finally:
+            self.metrics.in_flight.dec()
+
+    def _handle(self, message) -> None:
         from mr.policy import check_request
         from mr.request import ImageRequest, RequestError
 
@@ -100,31 +152,68 @@ class Listener:
             request = ImageRequest.from_message(message.body)
             check_request(request)
         except RequestError as error:
-            job_id = _job_id_of(message.body, f"invalid-{message.message_id}")
-            self._fail(job_id, "unknown", _text(message.body), str(error), started)
+            job_id = self._own_job_id(message)
+            with log_context(job_id=job_id):
+                self._fail(job_id, "unknown", _text(message.body), str(error), started)
             _settle(self.queue.delete, message)
             return
+        with log_context(job_id=request.job_id):
+            self._handle_valid(request, message, started)
+
+    def _own_job_id(self, message) -> str:
+        """The job an invalid message is recorded under: its jobId, unless that names another request's job (which
+        is left alone), else ``invalid-<message id>``."""
+        from mr.errors import InvalidInputError
+        from mr.redact import redact
+
+        fallback = f"invalid-{message.message_id}"
+        job_id = _job_id_of(message.body, fallback)
+        if job_id == fallback:
+            return fallback
+        try:  # atomic: records the job, or returns the one recorded before (raises if recorded for an image)
+            record = self.store.start_job(job_id, "unknown", "unknown", _text(message.body))
+        except InvalidInputError:
+            return fallback
+        return job_id if record.request == redact(_text(message.body)) else fallback
+
+    def _handle_valid(self, request, message, started: float) -> None:
+        from mr.errors import InvalidInputError
+        from mr.state.base import check_same_image
+
         job_id = request.job_id
-        existing = self.store.get_job(job_id)
-        if existing is not None and _status_name(existing.status) in FINISHED:
-            log.info("job %s already %s: message deleted", job_id, _status_name(existing.status))
+        try:  # a jobId already recorded for another image names another request: fail this message, not that job
+            existing = self.store.get_job(job_id)
+            if existing is not None:
+                check_same_image(existing, ",".join(request.image_urls))
+            if existing is not None and _status_name(existing.status) in FINISHED:
+                log.info("job %s already %s: message deleted", job_id, _status_name(existing.status))
+                _settle(self.queue.delete, message)
+                return
+            record = self.store.start_job(
+                job_id, request.image_ids[0], ",".join(request.image_urls), _text(message.body)
+            )
+        except InvalidInputError as error:
+            own = f"invalid-{message.message_id}"
+            self._fail(own, request.image_ids[0], _text(message.body), f"jobId={job_id!r}: {error.reason}", started)
             _settle(self.queue.delete, message)
             return
-        record = self.store.start_job(job_id, request.image_ids[0], ",".join(request.image_urls), _text(message.body))
         self.notifier.job_status(record, "request received")
+        measured = Metrics()
         try:
-            self._run(request, message, started)
+            self._run(request, message, started, measured)
         except Interrupted:
             log.info("job %s interrupted: left on the queue to be delivered again", job_id)
             return
         except MrError as error:
-            self._fail(job_id, request.image_ids[0], _text(message.body), str(error), started)
+            self._fail(job_id, request.image_ids[0], _text(message.body), str(error), started, measured)
         except Exception as error:  # noqa: BLE001 - one bad request never stops the listener
             log.exception("job %s failed unexpectedly", job_id)
-            self._fail(job_id, request.image_ids[0], _text(message.body), f"{type(error).__name__}: {error}", started)
+            reason = f"{type(error).__name__}: {error}"
+            self._fail(job_id, request.image_ids[0], _text(message.body), reason, started, measured)
         _settle(self.queue.delete, message)
 
-    def _run(self, request, message, started: float) -> None:
+    def _run(self, request, message, started: float, measured: Metrics) -> None:
+        """Compute, publish and record one valid request; ``measured`` collects the client-side metrics."""
         from mr.sinks import publish, sink_for
 
         job_id = request.job_id
@@ -132,6 +221,7 @@ class Listener:
 
         def keepalive() -> None:
             _settle(lambda m: self.queue.extend(m, self.settings.visibility_timeout), message)
+            _mark_progress(self.store, job_id)
 
         def planned(url: str, result) -> None:
             grid, (_, height, width) = result.plan.grid, result.plan.image_shape
@@ -153,30 +243,78 @@ class Listener:
         outcomes = process_images(
             request.image_urls, request.detect_options(model=model), self.client, self.settings.work_dir, job_id,
             keepalive=keepalive, stop=self.stop, interval=max(1.0, self.settings.visibility_timeout / 3),
-            on_planned=planned, on_region=region_done,
+            on_planned=planned, on_region=region_done, on_part=lambda part: self.metrics.record(part.metrics),
+            metrics=measured,
         )
         if self.stop.is_set():
             raise Interrupted("stopping before publishing")
         table, meta = combined_output(outcomes, job_id)
-        locations = publish(table, meta, sinks)
         failed = list(table.failed_tiles)
-        summary = {"endpoint": counters_since(before, endpoint_counters(self.client, model))}
+        planned_tiles = sum(o.result.plan.tile_count for o in outcomes)
+        if failed and len(failed) >= planned_tiles:
+            self.store.update_job(job_id, failed_tiles=failed)
+            raise AllTilesFailed(f"all {planned_tiles} tiles failed, nothing to publish; first: {failed[0]['reason']}")
+        _mark_progress(self.store, job_id)  # a job swept as lost meanwhile is abandoned here, never published
+        locations = publish(table, meta, sinks, measured)
+        endpoint = counters_since(before, endpoint_counters(self.client, model))
+        everything = Metrics.combine([table.metrics, measured])
+        summary = job_summary(everything, len(table), len(failed), time.time() - started, endpoint)
+        status = "PARTIAL" if failed else "SUCCESS"
         record = self.store.update_job(
-            job_id, status="PARTIAL" if failed else "SUCCESS", feature_count=len(table), outputs=list(locations),
-            failed_tiles=failed, summary={k: v for k, v in summary.items() if v},
+            job_id, status=status, feature_count=len(table), outputs=list(locations),
+            failed_tiles=failed, summary=summary,
         )
+        self._finished(status, everything, request.job_id, meta.image_id, len(table), measured)
         missing = f"; {len(failed)} tile(s) failed, their features are missing" if failed else ""
         self.notifier.job_status(record, f"{len(table)} features published to {', '.join(locations)}{missing}")
 
-    def _fail(self, job_id: str, image_id: str, request_text: str, reason: str, started: float) -> None:
+    def _finished(self, status: str, everything: Metrics, job_id: str, image_id: str, features: int,
+                  client_side: Metrics) -> None:
+        """A job's metrics out: the client-side part to Prometheus (regions went there as they came), all as EMF."""
+        self.metrics.record(client_side)
+        self.metrics.job_finished(status, features)
+        if self.emf:
+            from mr.emf import write_emf
+
+            write_emf(everything, {"JobId": job_id, "ImageId": image_id})
+
+    def _fail(self, job_id: str, image_id: str, request_text: str, reason: str, started: float,
+              measured: Metrics | None = None) -> None:
         log.warning("job %s failed: %s", job_id, reason)
         existing = self.store.get_job(job_id)
         if existing is None:
             self.store.start_job(job_id, image_id, "unknown", request_text)
         elif _status_name(existing.status) in FINISHED:
             return
-        record = self.store.update_job(job_id, status="FAILED", message=reason)
+        measured = measured if measured is not None else Metrics()
+        if not measured.stats:
+            measured.add(Operation.IMAGE_PROCESSING, time.time() - started, errors=1)
+        summary = job_summary(measured, 0, 0, time.time() - started, {})
+        record = self.store.update_job(job_id, status="FAILED", message=reason, summary=summary)
+        self._finished("FAILED", measured, job_id, image_id, 0, measured)
         self.notifier.job_status(record, reason)
+
+
+def _mark_progress(store, job_id: str) -> None:
+    """Tell sweepers the job is alive; a job failed meanwhile (declared lost) is abandoned, never published."""
+    try:
+        record = store.touch_job(job_id)
+    except MrError as error:  # a store hiccup must not stop the work: the next keepalive tries again
+        log.warning("job %s: progress not recorded: %s", job_id, error)
+        return
+    if record.finished:
+        raise MrError(f"job {job_id} became {record.status.value} while it ran ({record.message}); abandoned")
+
+
+class AllTilesFailed(MrError):
+    """The model answered no tile (an endpoint that never answers, a model that always fails): the job fails."""
+
+
+def _cluster_answers(client) -> None:
+    """Raise unless the scheduler answers now and has at least one worker."""
+    info = client.scheduler_info()
+    if not info.get("workers"):
+        raise RuntimeError(f"scheduler {client.scheduler.address} has no workers")
 
 
 def image_extents(georef, width: int, height: int) -> tuple[float, float, float, float] | None:
@@ -220,25 +358,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, help="local worker processes")
     parser.add_argument("--scheduler", help="address of a running Dask scheduler instead of a local cluster")
     parser.add_argument("--once", action="store_true", help="process what is queued, then exit")
+    parser.add_argument("--metrics-address", help="HOST:PORT of /metrics and /healthz (:0 any free port; '' none)")
+    parser.add_argument("--log-format", choices=("auto", "text", "json"), help="log lines as text or JSON")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    config.load_file(args.config)
+    from mr.cluster import get_client, log_like_client
+    from mr.logs import configure_logging, resolve_format
+
+    settings = resolve_service(args.queue, args.store, args.notices, args.data_dir, args.max_in_flight)
+    log_format = resolve_format(args.log_format, embedded=settings.queue.startswith("sqlite:"))
+    level = str(config.get("observability.log-level") or "INFO").upper()
+    configure_logging(log_format, level)
     import distributed  # noqa: F401  (configures its loggers on import; quiet them afterwards)
 
     logging.getLogger("distributed").setLevel(logging.WARNING)
-    args = build_parser().parse_args(argv)
-    config.load_file(args.config)
-    from mr.cluster import get_client
-
-    settings = resolve_service(args.queue, args.store, args.notices, args.data_dir, args.max_in_flight)
+    address = args.metrics_address if args.metrics_address is not None else config.get("observability.metrics-address")
     with get_client(args.scheduler, args.workers) as client:
+        log_like_client(client, log_format, level)
         listener = Listener(settings, client)
         signal.signal(signal.SIGTERM, lambda *_: listener.stop.set())
         signal.signal(signal.SIGINT, lambda *_: listener.stop.set())
+        monitor = listener.serve_monitoring(address or None)
         log.info("listening on %s (state: %s)", settings.queue, settings.store)
-        handled = listener.run(once=args.once)
+        try:
+            handled = listener.run(once=args.once)
+        finally:
+            if monitor is not None:
+                monitor.close()
     log.info("stopped after %d request(s)", handled)
     return 0
 

@@ -16,7 +16,7 @@ import rasterio
 import rasterio.errors
 from rasterio.windows import Window
 
-from mr.errors import ImageOpenError
+from mr.errors import ImageReadError
 from mr.sources import GdalEnv
 
 try:  # GDAL errors that rasterio lets through unwrapped (rasterio 1.x keeps them in a private module)
@@ -147,20 +147,35 @@ class RasterReader:
                 data = ds.read(indexes=list(self.bands[:count]), out_shape=(count, *out_shape), resampling=resampling)
                 return data, not (has_overviews or direct)
         except (rasterio.errors.RasterioError, CPLE_BaseError) as e:
-            raise ImageOpenError(self.url, f"reading a reduced view failed: {_one_line(e)}") from e
+            raise ImageReadError(self.url, f"reading a reduced view failed: {_one_line(e)}") from e
+
+    def _check_unchanged(self, ds: rasterio.io.DatasetReader) -> None:
+        """Refuse to read a file whose size or band count is no longer what was opened (and checked)."""
+        if (ds.height, ds.width) != (self.height, self.width) or ds.count < max(self.bands):
+            now = f"{ds.width:,} × {ds.height:,} × {ds.count} bands"
+            was = f"{self.width:,} × {self.height:,} with band {max(self.bands)}"
+            raise ImageReadError(self.url, f"changed since it was opened: now {now}, was {was}")
 
     def _read(self, bands: range, rows: range, cols: range) -> np.ndarray:
         """Read the window spanning ``rows`` x ``cols`` for ``bands``, then pick strided selections."""
         r0, c0 = min(rows), min(cols)
         window = Window(c0, r0, max(cols) - c0 + 1, max(rows) - r0 + 1)
         indexes = [self.bands[i] for i in bands]
+        key = (self.path, self.env, self.signature)
+        failure: ImageReadError | None = None
         try:
             with self.env.activate():
-                data = _dataset((self.path, self.env, self.signature)).read(indexes=indexes, window=window)
+                ds = _dataset(key)
+                self._check_unchanged(ds)
+                data = ds.read(indexes=indexes, window=window)
+        except ImageReadError as e:
+            failure = e
         except (rasterio.errors.RasterioError, CPLE_BaseError) as e:
-            _forget_dataset((self.path, self.env, self.signature))
             where = f"rows {r0}:{r0 + window.height}, columns {c0}:{c0 + window.width}"
-            raise ImageOpenError(self.url, f"reading {where} failed (truncated or corrupt?): {_one_line(e)}") from e
+            failure = read_failure(self.url, f"reading {where} failed (corrupt or truncated data?)", e)
+        if failure is not None:  # raised here, outside the handler, so that no GDAL error rides along as context
+            _forget_dataset(key)
+            raise failure
         if rows.step != 1:
             data = data[:, _local_selection(rows), :]
         if cols.step != 1:
@@ -168,12 +183,31 @@ class RasterReader:
         return data
 
 
+class GdalError(RuntimeError):
+    """GDAL's own account of a failure, as a cause that pickles.
+
+    rasterio's GDAL errors do not survive the trip from a Dask worker to the client (distributed pickles an error
+    with its causes, and theirs cannot be rebuilt), which would turn a clear read error into an anonymous one.
+    """
+
+
+def read_failure(url: str, reason: str, cause: BaseException) -> ImageReadError:
+    """An ImageReadError whose reason ends with GDAL's detail from ``cause``, chained as a picklable GdalError.
+
+    Raise it outside the ``except`` block that caught ``cause``, or Python chains ``cause`` as its context.
+    """
+    detail = _one_line(cause)
+    error = ImageReadError(url, f"{reason}: {detail}")
+    error.__cause__ = GdalError(detail)
+    return error
+
+
 def _one_line(e: BaseException) -> str:
-    """An exception and its causes (rasterio chains GDAL's detail) as one line."""
+    """An exception and its causes (rasterio chains GDAL's detail) as one line, without repeats or pointers."""
     parts: list[str] = []
-    while e is not None and len(parts) < 4:
-        text = " ".join(str(e).split())
-        if text and text not in parts and not text.startswith("See previous exception"):
+    while e is not None and len(parts) < 6:
+        text = " ".join(str(e).split()).strip("; ")
+        if text and "See previous exception" not in text and not any(text in part for part in parts):
             parts.append(text)
         e = e.__cause__ or e.__context__  # type: ignore[assignment]
-    return "; ".join(parts) or "unknown error"
+    return "; ".join(parts[:4]) or "unknown error"

@@ -10,13 +10,17 @@ its centre; boxes that reach across a tile cut are de-duplicated inside the bloc
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import numpy as np
 
 from mr.detections import Detections
 from mr.errors import ModelError
 from mr.merge import DedupConfig, nms, soft_nms
+from mr.metrics import Metrics, Operation, measuring
 from mr.models.base import Model, TileFailure
 from mr.tiling import TileGrid
 
@@ -43,6 +47,8 @@ class RegionResult:
     model_seconds: float
     failed_tiles: tuple = ()
     """One dict per tile the model could not process: tile id, its bounds (row, col), (width, height), reason."""
+    metrics: Metrics = field(default_factory=Metrics, compare=False)
+    """What the region's work measured (not checkpointed: a region loaded from its checkpoint did no work)."""
 
 
 @dataclass(frozen=True)
@@ -105,34 +111,71 @@ def failed_tile(grid: TileGrid, iy: int, ix: int, reason: str) -> dict:
 
 
 def run_tiles(
-    block: np.ndarray, grid: TileGrid, task: RegionTask, model: Model, batch_size: int
+    block: np.ndarray, grid: TileGrid, task: RegionTask, model: Model, batch_size: int, metrics: Metrics | None = None
 ) -> tuple[Detections, list[dict]]:
-    """Run the model over the region's tiles (batched views of the block): image-pixel detections, failed tiles."""
-    x_origin = grid.x.tile_starts[grid.x.tiles_of_region(task.rx)[0]]
-    y_origin = grid.y.tile_starts[grid.y.tiles_of_region(task.ry)[0]]
+    """Run the model over the region's tiles (batched views of the block): image-pixel detections, failed tiles.
+
+    A model that can ``submit`` a batch without waiting for it (endpoint adapters) is handed every batch first, so
+    its calls stay in flight from one batch to the next. Each batch is measured as TileProcessing (and
+    ModelInvocation, unless the model records its own calls, as endpoint adapters do with their retries and
+    throttles), one sample per tile: the batch's time since the one before it was done.
+    """
+    metrics = metrics if metrics is not None else Metrics()
+    own_calls = bool(getattr(model, "records_invocations", False))
+    batches = tile_batches(grid, task, batch_size)
+    views = [_batch_of(block, grid, task, iy, run) for iy, run in batches]
     found: list[Detections] = []
     failed: list[dict] = []
-    for iy, run in tile_batches(grid, task, batch_size):
-        height = int(grid.y.tile_ends[iy] - grid.y.tile_starts[iy])
-        width = int(grid.x.tile_ends[run[0]] - grid.x.tile_starts[run[0]])
-        y0 = int(grid.y.tile_starts[iy] - y_origin)
-        x0 = int(grid.x.tile_starts[run[0]] - x_origin)
-        tables = _call_model(model, batch_view(block, y0, x0, height, width, len(run), grid.x.stride))
-        if len(tables) != len(run):
-            raise ModelError(f"model {model.name!r} returned {len(tables)} tables for {len(run)} tiles")
-        for ix, table in zip(run, tables):
-            if isinstance(table, TileFailure):
-                failed.append(failed_tile(grid, iy, ix, table.reason))
-                continue
-            dx = grid.x_offset + grid.x.tile_starts[ix]
-            dy = grid.y_offset + grid.y.tile_starts[iy]
-            found.append(table.shifted(float(dx), float(dy), int(grid.tile_id(iy, ix))))
+    queued: list[Any] = []
+    started = time.perf_counter()
+    try:
+        if callable(getattr(model, "submit", None)):
+            with measuring(metrics):
+                for view in views:
+                    queued.append(_call_model(model, view, partial(model.submit, view)))
+        for i, ((iy, run), view) in enumerate(zip(batches, views)):
+            with measuring(metrics):
+                tables = list(_call_model(model, view, queued[i].result if queued else None))
+            called = time.perf_counter()
+            if len(tables) != len(run):
+                raise ModelError(f"model {model.name!r} returned {len(tables)} tables for {len(run)} tiles")
+            failures = 0
+            for ix, table in zip(run, tables):
+                if isinstance(table, TileFailure):
+                    failed.append(failed_tile(grid, iy, ix, table.reason))
+                    failures += 1
+                    continue
+                dx = grid.x_offset + grid.x.tile_starts[ix]
+                dy = grid.y_offset + grid.y.tile_starts[iy]
+                found.append(table.shifted(float(dx), float(dy), int(grid.tile_id(iy, ix))))
+            n, per_tile = len(run), (time.perf_counter() - started) / len(run)
+            if not own_calls:
+                metrics.add(Operation.MODEL_INVOCATION, [(called - started) / n] * n, invocations=n,
+                            errors=failures, model_name=model.name)
+            metrics.add(Operation.TILE_PROCESSING, [per_tile] * n, invocations=n, errors=failures,
+                        model_name=model.name)
+            started = time.perf_counter()
+    finally:
+        for pending in queued:
+            pending.cancel()  # after a failure, the calls not yet begun are dropped (a no-op once all are done)
     return Detections.concat(found), failed
 
 
-def _call_model(model: Model, tiles: np.ndarray) -> list[Detections]:
+def _batch_of(block: np.ndarray, grid: TileGrid, task: RegionTask, iy: int, run: list[int]) -> np.ndarray:
+    """The tiles (iy, run) of the region as a strided view of its block."""
+    x_origin = grid.x.tile_starts[grid.x.tiles_of_region(task.rx)[0]]
+    y_origin = grid.y.tile_starts[grid.y.tiles_of_region(task.ry)[0]]
+    height = int(grid.y.tile_ends[iy] - grid.y.tile_starts[iy])
+    width = int(grid.x.tile_ends[run[0]] - grid.x.tile_starts[run[0]])
+    y0 = int(grid.y.tile_starts[iy] - y_origin)
+    x0 = int(grid.x.tile_starts[run[0]] - x_origin)
+    return batch_view(block, y0, x0, height, width, len(run), grid.x.stride)
+
+
+def _call_model(model: Model, tiles: np.ndarray, call: Callable[[], Any] | None = None) -> Any:
+    """``call()``, by default the model on ``tiles``; any failure but a ModelError becomes one naming the model."""
     try:
-        return list(model(tiles))
+        return call() if call is not None else model(tiles)
     except ModelError:
         raise
     except Exception as error:
@@ -193,38 +236,49 @@ def process_region(
     model: Model,
     settings: RegionSettings,
     roi: object | None = None,
+    metrics: Metrics | None = None,
 ) -> RegionResult:
     """The whole work of one region task: tiles → model → owned detections → seams settled or pending."""
+    metrics = metrics if metrics is not None else Metrics()
     started = time.perf_counter()
-    found, failed = run_tiles(block, grid, task, model, settings.batch_size)
-    found = keep_owned(found, grid)
-    if roi is not None and len(found):
-        found = found.take(_touches(found.boxes, roi))
+    found, failed = run_tiles(block, grid, task, model, settings.batch_size, metrics)
     seconds = time.perf_counter() - started
-    near = grid.crosses_tile_cut(found.boxes, settings.seam_margin)
-    interior = found.take(~near)
-    seam = found.take(near)
-    settles, pending = split_settled(seam, grid, (task.ry, task.ry, task.rx, task.rx), settings.seam_margin)
-    seam = dedup_settling(seam, settles, settings.dedup)
-    settles, pending = split_settled(seam, grid, (task.ry, task.ry, task.rx, task.rx), settings.seam_margin)
+    with metrics.timed(Operation.FEATURE_REFINEMENT):
+        found = keep_owned(found, grid)
+        if roi is not None and len(found):
+            found = found.take(_touches(found.boxes, roi))
+    with metrics.timed(Operation.FEATURE_SELECTION):
+        near = grid.crosses_tile_cut(found.boxes, settings.seam_margin)
+        interior = found.take(~near)
+        seam = found.take(near)
+        group = (task.ry, task.ry, task.rx, task.rx)
+        settles, pending = split_settled(seam, grid, group, settings.seam_margin)
+        seam = dedup_settling(seam, settles, settings.dedup)
+        settles, pending = split_settled(seam, grid, group, settings.seam_margin)
     return RegionResult(
         Detections.concat([interior, seam.take(settles)]),
         seam.take(pending),
         len(region_tiles(grid, task)),
         seconds,
         tuple(failed),
+        metrics,
     )
 
 
 def merge_pending(
     parts: list[Detections], grid: TileGrid, group: tuple[int, int, int, int], settings: RegionSettings
 ) -> tuple[Detections, Detections]:
-    """One node of the seam tree: de-duplicate what neighbouring regions left pending, settle what now can."""
-    table = Detections.concat(parts)
-    settles, _ = split_settled(table, grid, group, settings.seam_margin)
-    table = dedup_settling(table, settles, settings.dedup)
-    settles, pending = split_settled(table, grid, group, settings.seam_margin)
-    return table.take(settles), table.take(pending)
+    """One node of the seam tree: de-duplicate what neighbouring regions left pending, settle what now can.
+
+    Returns (settled, pending, metrics): the merge is measured as FeatureSelection.
+    """
+    metrics = Metrics()
+    with metrics.timed(Operation.FEATURE_SELECTION):
+        table = Detections.concat(parts)
+        settles, _ = split_settled(table, grid, group, settings.seam_margin)
+        table = dedup_settling(table, settles, settings.dedup)
+        settles, pending = split_settled(table, grid, group, settings.seam_margin)
+    return table.take(settles), table.take(pending), metrics
 
 
 def _touches(boxes: np.ndarray, roi_pixels: object) -> np.ndarray:

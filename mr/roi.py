@@ -45,6 +45,8 @@ def parse_polygon(roi: Any) -> Any:
         raise InvalidInputError("roi", roi, "give a WKT polygon in lon/lat")
     if geometry is None or geometry.is_empty or geometry.geom_type not in ("Polygon", "MultiPolygon"):
         raise InvalidInputError("roi", roi, "must be a non-empty POLYGON or MULTIPOLYGON in lon/lat")
+    if not np.isfinite(shapely.get_coordinates(geometry)).all():  # GEOS raises on NaN/Inf (e.g. 1e400 in WKT)
+        raise InvalidInputError("roi", roi, "coordinates must be finite numbers")
     if not geometry.is_valid:
         geometry = shapely.make_valid(geometry)
     return geometry

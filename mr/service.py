@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mr import config
+from mr.errors import InvalidInputError
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,10 @@ class ServiceSettings:
     """Seconds a received message stays leased; extended while its request runs."""
     poll_seconds: float
     """Long-polling wait of one receive."""
+    stuck_after: float = 3600.0
+    """Seconds without progress after which an unfinished job is failed as lost by the sweeper (mr.sweeper)."""
+    sweep_every: float = 300.0
+    """Seconds between two sweeps for stuck jobs in the listener; 0 sweeps never (run ``python -m mr sweep``)."""
 
 
 def _oversightml_queue() -> str | None:
@@ -73,4 +78,24 @@ def resolve_service(
         max_in_flight=int(max_in_flight or config.get("service.max-in-flight") or workers or 2),
         visibility_timeout=float(config.get("service.visibility-timeout")),
         poll_seconds=float(config.get("service.poll-seconds")),
+        **resolve_sweep(),
     )
+
+
+def resolve_sweep(stuck_after: float | None = None) -> dict[str, float]:
+    """``stuck_after`` and ``sweep_every`` from ``mr.service.*``, checked against the visibility timeout.
+
+    The listener marks a running job's progress at each keepalive, every third of the visibility timeout; a limit
+    under the visibility timeout would fail jobs that are still being worked on.
+    """
+    from mr.sweeper import check_stuck_after
+
+    seconds = check_stuck_after(config.get("service.stuck-after", stuck_after))
+    visibility = float(config.get("service.visibility-timeout"))
+    if seconds <= visibility:
+        raise InvalidInputError("stuck-after", seconds, f"give more seconds than the visibility timeout "
+                                                        f"({visibility:g} s), e.g. {max(3600.0, 10 * visibility):g}")
+    every = float(config.get("service.sweep-every") or 0)
+    if every < 0:
+        raise InvalidInputError("sweep-every", every, "give seconds >= 0 (0 turns the listener's sweeps off)")
+    return {"stuck_after": seconds, "sweep_every": every}

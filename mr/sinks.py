@@ -15,7 +15,6 @@ import json
 import logging
 import posixpath
 import random
-import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import KW_ONLY, dataclass
@@ -291,7 +290,9 @@ def _require_job_id(sink: Sink, meta: OutputMetadata) -> str:
 
 def role_session_name(job_id: str) -> str:
     """``mr-<jobId>`` in the characters and 64-character length STS allows, so CloudTrail shows the job."""
-    return re.sub(r"[^\w+=,.@-]", "-", f"mr-{job_id}", flags=re.ASCII)[:64]
+    from mr.aws_roles import role_session_name as for_job
+
+    return for_job(job_id)
 
 
 def _aws_client(service: str, assumed_role: str | None, endpoint_url: str | None, job_id: str) -> Any:
@@ -351,16 +352,21 @@ def _field(output: Mapping, key: str) -> Any:
     return output[key]
 
 
-def publish(table: FeatureTable, meta: OutputMetadata, sinks: Iterable[Sink]) -> list[str]:
+def publish(table: FeatureTable, meta: OutputMetadata, sinks: Iterable[Sink], metrics=None) -> list[str]:
     """Write to every sink in order (a failure does not stop the rest); return where each wrote.
 
+    Each write is measured as FeatureDissemination in ``metrics`` (a `mr.metrics.Metrics`) when given.
     Raises :class:`PublishError` (a :class:`SinkError`) naming the sinks that succeeded and those that failed.
     """
+    from mr.metrics import Metrics, Operation
+
+    metrics = metrics if metrics is not None else Metrics()
     succeeded: list[tuple[str, str]] = []
     failed: list[tuple[str, Exception]] = []
     for sink in sinks:
         try:
-            succeeded.append((sink.name, sink.write(table, meta)))
+            with metrics.timed(Operation.FEATURE_DISSEMINATION):
+                succeeded.append((sink.name, sink.write(table, meta)))
         except Exception as error:  # noqa: BLE001 - every sink gets its chance; all errors are reported
             logger.error("sink %s failed: %s", sink.name, error)
             failed.append((sink.name, error))

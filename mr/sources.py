@@ -110,11 +110,22 @@ def resolve_source(url: str | os.PathLike[str], endpoint_url: str | None = None)
     if kind == "local":
         return ImageSource(text, path, GdalEnv(options=_cache_option()))
     if kind == "http":
-        return ImageSource(
-            text, path, GdalEnv(options=tuple(sorted({**_REMOTE_OPTIONS, **dict(_cache_option())}.items())))
-        )
+        options = {**_REMOTE_OPTIONS, **_stall_options(), **dict(_cache_option())}
+        return ImageSource(text, path, GdalEnv(options=tuple(sorted(options.items()))))
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
     return ImageSource(text, path, _s3_env(endpoint), endpoint)
+
+
+def _stall_options() -> dict[str, str]:
+    """Bounded waits for remote reads (``mr.imagery.http-stall-seconds``): a server that accepts no connection, or
+    sends nothing for that long, fails the read instead of hanging the task."""
+    from mr import config
+
+    seconds = config.get("imagery.http-stall-seconds")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise InvalidInputError("mr.imagery.http-stall-seconds", seconds, "must be a positive number of seconds")
+    whole = str(max(1, round(seconds)))
+    return {"GDAL_HTTP_CONNECTTIMEOUT": whole, "GDAL_HTTP_LOW_SPEED_TIME": whole, "GDAL_HTTP_LOW_SPEED_LIMIT": "1"}
 
 
 def _cache_option() -> tuple[tuple[str, str], ...]:
@@ -128,7 +139,7 @@ def _cache_option() -> tuple[tuple[str, str], ...]:
 
 def _s3_env(endpoint_url: str | None) -> GdalEnv:
     """GDAL options for /vsis3/: credentials from boto3's default session, and a custom endpoint if any."""
-    options = {**_REMOTE_OPTIONS, **dict(_cache_option())}
+    options = {**_REMOTE_OPTIONS, **_stall_options(), **dict(_cache_option())}
     if endpoint_url:
         parts = urlsplit(endpoint_url if "://" in endpoint_url else f"https://{endpoint_url}")
         options.update(

@@ -286,7 +286,7 @@ def test_an_http_endpoint_request_through_mr_serve(scene, embedded, tmp_path):
     assert stats["calls"] >= shown["tile_count"] and stats["errors"] == 0
 
 
-def test_an_endpoint_that_keeps_failing_ends_partial_with_the_tiles_named(scene, embedded, tmp_path):
+def test_an_endpoint_that_keeps_failing_fails_the_job_with_the_tiles_named(scene, embedded, tmp_path):
     import http.server
     import threading
 
@@ -316,10 +316,41 @@ def test_an_endpoint_that_keeps_failing_ends_partial_with_the_tiles_named(scene,
         server.shutdown()
         server.server_close()
     shown = json.loads(mr_command("mr", "status", "job-failing", "--store", embedded["store"]).stdout)
-    assert shown["status"] == "PARTIAL"
+    assert shown["status"] == "FAILED" and f"all {shown['tile_count']} tiles failed" in shown["message"]
     assert len(shown["failed_tiles"]) == shown["tile_count"] > 0
-    assert all("HTTP 500" in tile["reason"] and tile["bounds"] for tile in shown["failed_tiles"])
-    assert features_of(out) == []
+    assert all(("HTTP 500" in tile["reason"] or "not called" in tile["reason"]) and tile["bounds"]
+               for tile in shown["failed_tiles"])
+    assert not out.exists()  # nothing published for a job whose every tile failed
+
+
+def test_a_model_that_never_answers_fails_the_job_in_bounded_time(scene, embedded, tmp_path):
+    import socket
+
+    silent = socket.socket()  # accepts connections (the kernel's backlog) and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(256)
+    try:
+        out = tmp_path / "never.geojson"
+        request = osml_request("job-silent", scene[0], [{"type": "File", "path": str(out)}])
+        request["imageProcessor"] = {"name": f"http://127.0.0.1:{silent.getsockname()[1]}/invocations",
+                                     "type": "HTTP_ENDPOINT"}
+        path = tmp_path / "silent.json"
+        path.write_text(json.dumps(request))
+        assert mr_command("mr", "submit", str(path), "--queue", embedded["queue"]).returncode == 0
+        env = {"DASK_MR__MODEL__ENDPOINT_TIMEOUT": "1", "DASK_MR__MODEL__ENDPOINT_MAX_ATTEMPTS": "2",
+               "DASK_MR__MODEL__ENDPOINT_BREAKER_FAILURES": "4"}
+        started = time.monotonic()
+        listened = mr_command("mr.listen", "--once", *embedded["args"], env=env, timeout=120)
+        seconds = time.monotonic() - started
+        assert listened.returncode == 0, listened.stderr
+    finally:
+        silent.close()
+    shown = json.loads(mr_command("mr", "status", "job-silent", "--store", embedded["store"]).stdout)
+    assert shown["status"] == "FAILED" and "tiles failed" in shown["message"]
+    reasons = [tile["reason"] for tile in shown["failed_tiles"]]
+    assert len(reasons) == shown["tile_count"] and any("not called" in r for r in reasons)
+    assert any("Timeout" in r or "timed out" in r.lower() for r in reasons)
+    assert seconds < 90 and not out.exists()
 
 
 def test_requests_outside_the_allowed_roots_fail(scene, embedded, tmp_path):

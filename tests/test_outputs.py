@@ -120,5 +120,5 @@ def test_cli_runs_on_a_given_scheduler(scene, tmp_path, client):
                 "--region-size", "800", "--scheduler", client.scheduler.address, "--no-progress")
     assert done.returncode == 0, done.stderr
     assert len(gpd.read_parquet(out)) >= 38
-    assert any("infer-region" in str(key) for key in client.run_on_scheduler(
+    assert any("read-infer-region" in str(key) for key in client.run_on_scheduler(
         lambda dask_scheduler: list(dask_scheduler.task_prefixes)))

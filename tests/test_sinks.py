@@ -183,7 +183,7 @@ def test_s3_assumed_role_writes_as_a_session_named_for_the_job(aws):
     S3Sink(BUCKET, "as-role", assumed_role=ROLE).write(make_table(3), META)
     assert len(read_object(aws.s3, f"as-role/{JOB}.geojson")["features"]) == 3
     identity = sinks._aws_client("sts", ROLE, None, "batch/job 9").get_caller_identity()
-    assert identity["Arn"].endswith("assumed-role/writer/mr-batch-job-9")
+    assert "assumed-role/writer/mr-batch-job-9-" in identity["Arn"]  # changed names get a hash suffix
     assert len(role_session_name("x" * 100)) == 64
 
 

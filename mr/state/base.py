@@ -8,13 +8,18 @@ record, asks :func:`job_changes` or :func:`region_changes` what to write, and wr
 The rules:
 
 - A job starts STARTED. ``start_job`` of a job that exists (a redelivered request) returns the existing record
-  unchanged, whatever its status, except that ``attempts`` goes up by one; the caller resumes a running job and
-  acknowledges a finished one.
+  unchanged, whatever its status, except that ``attempts`` goes up by one (and an unfinished job's ``updated_at``
+  becomes now); the caller resumes a running job and acknowledges a finished one.
 - A finished job (SUCCESS, PARTIAL, FAILED) is final: it never moves back to STARTED or IN_PROGRESS, nor to another
   finished status. Writing its own status again is allowed and changes only the other fields given.
 - A region whose output is kept (SUCCESS, PARTIAL: "done") is final in the same way. A FAILED region may be marked
   again: a redelivered request retries it while its job still runs.
 - ``regions_done`` is kept by the store: it counts the job's regions that became done, each once.
+- ``updated_at`` is the job's last sign of progress: every write to an unfinished job sets it (``update_job``,
+  ``mark_region`` of any of its regions, ``touch_job`` from the listener's keepalive, and ``start_job`` of a
+  redelivered request). A job whose ``updated_at`` grows old while it is unfinished lost its request: the sweeper
+  (:mod:`mr.sweeper`) finds it with ``stalled_jobs`` and fails it with ``fail_stalled_job``, a write conditional on
+  ``updated_at`` being unchanged, so a job that made progress meanwhile is never failed.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from enum import Enum
 from typing import Any, Protocol, runtime_checkable
 
 from mr.errors import InvalidInputError, MrError
+from mr.redact import redact
 
 
 class JobStatus(str, Enum):
@@ -83,6 +89,11 @@ class StatusTransitionError(StateError):
 def utc_now() -> str:
     """Now, as UTC ISO 8601 with microseconds (sorts as text in the order of time)."""
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def utc_text(seconds: float) -> str:
+    """A POSIX time as :func:`utc_now` writes times, so that it compares with stored times as text."""
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="microseconds")
 
 
 def seconds_between(start: str, end: str) -> float:
@@ -205,6 +216,17 @@ class StateStore(Protocol):
     def done_regions(self, job_id: str) -> set[str]:
         """Ids of the regions that a resumed request does not need to run again."""
 
+    def touch_job(self, job_id: str) -> JobRecord:
+        """Set an unfinished job's ``updated_at`` to now (a sign of progress) and return the record; a finished
+        job is returned unchanged."""
+
+    def stalled_jobs(self, updated_before: str, limit: int = 100) -> list[JobRecord]:
+        """Unfinished jobs whose ``updated_at`` is before ``updated_before`` (UTC ISO 8601), oldest first."""
+
+    def fail_stalled_job(self, job_id: str, updated_at: str, reason: str) -> JobRecord | None:
+        """Mark a job FAILED with ``reason`` if it is unfinished and its ``updated_at`` is still ``updated_at``;
+        the new record, or None when the job finished or made progress meanwhile."""
+
     def close(self) -> None: ...
 
 
@@ -229,6 +251,17 @@ def clean_fields(fields_: dict[str, Any], allowed: frozenset[str], what: str) ->
     return {name: _clean(name, value) for name, value in fields_.items()}
 
 
+def redacted(value: Any) -> Any:
+    """Every string in a JSON-like value with its credentials masked (mr.redact): none may reach a record."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redacted(v) for v in value]
+    return value
+
+
 def _clean(name: str, value: Any) -> Any:
     if name == "status":
         return JobStatus.parse(value)
@@ -239,7 +272,7 @@ def _clean(name: str, value: Any) -> Any:
     if name in _DURATIONS:
         return _duration(name, value)
     if name == "message":
-        return str(value)
+        return redact(str(value))
     if name == "extents":
         return _extents(value)
     if name == "outputs":
@@ -250,7 +283,7 @@ def _clean(name: str, value: Any) -> Any:
         raise InvalidInputError(name, value, "give a list of dicts: {'region', 'bounds', 'reason'}")
     if name == "summary" and not isinstance(value, dict):
         raise InvalidInputError(name, value, "give a dict")
-    return plain(value, name)
+    return redacted(plain(value, name))
 
 
 def _count(name: str, value: Any) -> int:
@@ -326,16 +359,17 @@ def new_job(job_id: str, image_id: str, image_url: str, request_text: str, field
         raise InvalidInputError("request_text", request_text, "give the request message as JSON text")
     now = utc_now()
     values = clean_fields(fields_, JOB_START_FIELDS, "start_job")
-    return JobRecord(job_id=job_id, image_id=image_id, image_url=image_url, status=JobStatus.STARTED,
-                     request=request_text, started_at=now, updated_at=now, processing_seconds=0.0, **values)
+    return JobRecord(job_id=job_id, image_id=redact(image_id), image_url=redact(image_url), status=JobStatus.STARTED,
+                     request=redact(request_text), started_at=now, updated_at=now, processing_seconds=0.0, **values)
 
 
 def check_same_image(existing: JobRecord, image_url: str) -> None:
     """A job id names one request: a second start with another image is a mistake, not a redelivery."""
-    if existing.image_url != image_url:
+    if existing.image_url != redact(image_url):
         raise InvalidInputError(
             "job_id", existing.job_id,
-            f"already recorded for image {existing.image_url!r}, not {image_url!r}; give each request its own jobId",
+            f"already recorded for image {existing.image_url!r}, not {redact(image_url)!r}; give each request its own"
+            " jobId",
         )
 
 
@@ -353,6 +387,16 @@ def job_changes(current: JobRecord, fields_: dict[str, Any], now: str) -> dict[s
     if not current.status.finished and "processing_seconds" not in fields_:
         changes["processing_seconds"] = seconds_between(current.started_at, now)
     return changes
+
+
+def stalled(job: JobRecord, updated_at: str) -> bool:
+    """Whether a sweeper that read ``updated_at`` may still fail ``job``: unfinished, and no progress since."""
+    return not job.status.finished and job.updated_at == updated_at
+
+
+def stalled_changes(job: JobRecord, reason: str, now: str) -> dict[str, Any]:
+    """What failing a stalled job writes: FAILED, the reason, and the finish time (through :func:`job_changes`)."""
+    return job_changes(job, {"status": JobStatus.FAILED, "message": str(reason)}, now)
 
 
 def region_changes(

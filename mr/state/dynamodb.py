@@ -37,6 +37,8 @@ from mr.state.base import (
     plain,
     region_changes,
     region_sort_key,
+    stalled,
+    stalled_changes,
     utc_now,
 )
 
@@ -46,6 +48,9 @@ RETRIES = 8
 """Optimistic writes retried this often when other writers keep changing the same record."""
 _PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 _CONFLICTS = ("ConditionalCheckFailedException", "TransactionCanceledException", "TransactionConflictException")
+_UNFINISHED = (JobStatus.STARTED, JobStatus.IN_PROGRESS)
+_IS_UNFINISHED = "#status IN (:started, :in_progress)"
+_UNFINISHED_VALUES = {":started": JobStatus.STARTED.value, ":in_progress": JobStatus.IN_PROGRESS.value}
 
 
 class DynamoStore:
@@ -89,17 +94,27 @@ class DynamoStore:
             return record
         except _Conflict:
             pass
+        try:  # a redelivered request of an unfinished job is a sign of progress; a finished job keeps its time
+            return self._restart(job_id, record.image_url, "ADD attempts :one SET updated_at = :now",
+                                 f"image_url = :url AND {_IS_UNFINISHED}",
+                                 {":now": record.updated_at, **_UNFINISHED_VALUES})
+        except _Conflict:
+            pass
         try:
-            reply = self._call(
-                "update_item", TableName=self.jobs_table, Key=_item({"job_id": job_id}),
-                UpdateExpression="ADD attempts :one", ConditionExpression="image_url = :url",
-                ExpressionAttributeValues=_item({":one": 1, ":url": image_url}), ReturnValues="ALL_NEW",
-            )
+            return self._restart(job_id, record.image_url, "ADD attempts :one", "image_url = :url", {})
         except _Conflict:
             existing = self.get_job(job_id)
             if existing is not None:
                 check_same_image(existing, image_url)
             raise StateError(f"job {job_id!r} changed while it was being started again; try again") from None
+
+    def _restart(self, job_id: str, image_url: str, update: str, condition: str, values: dict) -> JobRecord:
+        """One conditional write to the record of a job started again; ``_Conflict`` when the condition fails."""
+        reply = self._call(
+            "update_item", TableName=self.jobs_table, Key=_item({"job_id": job_id}), UpdateExpression=update,
+            ConditionExpression=condition, ExpressionAttributeValues=_item({":one": 1, ":url": image_url, **values}),
+            ReturnValues="ALL_NEW", **({"ExpressionAttributeNames": {"#status": "status"}} if values else {}),
+        )
         return JobRecord.from_dict(_record(reply["Attributes"]))
 
     def update_job(self, job_id: str, **fields: Any) -> JobRecord:
@@ -129,16 +144,58 @@ class DynamoStore:
         found.sort(key=lambda job: (job.started_at, job.job_id), reverse=True)
         return found[:limit]
 
-    def _jobs_in(self, status: JobStatus, limit: int) -> list[JobRecord]:
+    def _jobs_in(self, status: JobStatus, limit: int, where: tuple[str, dict] | None = None) -> list[JobRecord]:
+        """Jobs in one status from the status index, newest start first; ``where`` is (filter expression, values)."""
         query = {
             "TableName": self.jobs_table, "IndexName": STATUS_INDEX, "KeyConditionExpression": "#status = :status",
             "ExpressionAttributeNames": {"#status": "status"},
             "ExpressionAttributeValues": _item({":status": status.value}), "ScanIndexForward": False,
         }
+        if where is not None:
+            query["FilterExpression"] = where[0]
+            query["ExpressionAttributeValues"].update(_item(where[1]))
         jobs: list[JobRecord] = []
         for item in self._pages("query", query, limit):
             jobs.append(JobRecord.from_dict(_record(item)))
         return jobs
+
+    def touch_job(self, job_id: str) -> JobRecord:
+        try:
+            reply = self._call(
+                "update_item", TableName=self.jobs_table, Key=_item({"job_id": job_id}),
+                UpdateExpression="SET updated_at = :now", ConditionExpression=_IS_UNFINISHED,
+                ExpressionAttributeNames={"#status": "status"},
+                ExpressionAttributeValues=_item({":now": utc_now(), **_UNFINISHED_VALUES}), ReturnValues="ALL_NEW",
+            )
+        except _Conflict:  # finished, or missing
+            current = self.get_job(job_id)
+            if current is None:
+                raise UnknownJobError(job_id) from None
+            return current
+        return JobRecord.from_dict(_record(reply["Attributes"]))
+
+    def stalled_jobs(self, updated_before: str, limit: int = 100) -> list[JobRecord]:
+        """Oldest progress first. Queries the status index for the unfinished statuses only, so the cost follows
+        the number of running jobs, not the size of the table; the index is eventually consistent, which
+        ``fail_stalled_job``'s conditional write makes harmless."""
+        check_limit(limit)
+        where = ("updated_at < :before", {":before": updated_before})
+        found = [job for status in _UNFINISHED for job in self._jobs_in(status, limit, where)]
+        found.sort(key=lambda job: (job.updated_at, job.job_id))
+        return found[:limit]
+
+    def fail_stalled_job(self, job_id: str, updated_at: str, reason: str) -> JobRecord | None:
+        current = self.get_job(job_id)
+        if current is None or not stalled(current, updated_at):
+            return None
+        changes = stalled_changes(current, reason, utc_now())
+        condition = "#status = :expected AND updated_at = :progress"
+        try:
+            self._call("update_item", TableName=self.jobs_table, Key=_item({"job_id": job_id}),
+                       **_update(changes, condition, {":expected": current.status.value, ":progress": updated_at}))
+        except _Conflict:  # another sweeper failed it, or it made progress: either way, not ours to fail
+            return None
+        return replace(current, **changes)
 
     # --- regions ---
 
@@ -173,6 +230,7 @@ class DynamoStore:
         region = dict(TableName=self.regions_table, Key=key, **write)
         if not newly_done:
             self._call("update_item", **region)
+            self._progress(job_id, now)
             return
         counter = {
             "TableName": self.jobs_table, "Key": _item({"job_id": job_id}),
@@ -180,6 +238,15 @@ class DynamoStore:
             "ExpressionAttributeValues": _item({":one": 1, ":now": now}),
         }
         self._call("transact_write_items", TransactItems=[{"Update": region}, {"Update": counter}])
+
+    def _progress(self, job_id: str, now: str) -> None:
+        """Set the job's ``updated_at`` (a region was marked: progress); a job deleted meanwhile is left alone."""
+        try:
+            self._call("update_item", TableName=self.jobs_table, Key=_item({"job_id": job_id}),
+                       UpdateExpression="SET updated_at = :now", ConditionExpression="attribute_exists(job_id)",
+                       ExpressionAttributeValues=_item({":now": now}))
+        except _Conflict:
+            pass
 
     def _region(self, key: dict) -> RegionRecord | None:
         reply = self._call("get_item", TableName=self.regions_table, Key=key, ConsistentRead=True)

@@ -18,6 +18,7 @@ import threading
 from typing import Any, Protocol, runtime_checkable
 
 from mr.errors import InvalidInputError, MrError
+from mr.redact import redact
 from mr.state.base import JobRecord, JobStatus, RegionRecord
 
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9_-]{1,256}(\.fifo)?$")
@@ -39,7 +40,7 @@ class Notifier(Protocol):
 
 
 def notice_text(status: JobStatus | str, job_id: str, message: str) -> str:
-    return f"StatusMonitor update: {JobStatus.parse(status).value} {job_id}: {message}"
+    return redact(f"StatusMonitor update: {JobStatus.parse(status).value} {job_id}: {message}")
 
 
 def job_attributes(record: JobRecord) -> dict[str, str]:
@@ -179,7 +180,7 @@ def _is_sns_arn(text: str) -> bool:
 
 
 def _present(attributes: dict[str, str | None]) -> dict[str, str]:
-    return {name: value for name, value in attributes.items() if value}
+    return {name: redact(value) for name, value in attributes.items() if value}
 
 
 def _whole_seconds(seconds: float | None) -> str | None:

@@ -33,6 +33,8 @@ from mr.state.base import (
     new_job,
     region_changes,
     region_sort_key,
+    stalled,
+    stalled_changes,
     utc_now,
 )
 
@@ -49,6 +51,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_start ON jobs (started_at);
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, started_at);
+CREATE INDEX IF NOT EXISTS jobs_by_progress ON jobs (status, updated_at);
 CREATE TABLE IF NOT EXISTS regions (
     job_id TEXT NOT NULL, region_id TEXT NOT NULL, image_id TEXT, status TEXT NOT NULL, tiles INTEGER,
     failed_tiles TEXT, features INTEGER, seconds REAL, message TEXT, updated_at TEXT NOT NULL,
@@ -56,6 +59,7 @@ CREATE TABLE IF NOT EXISTS regions (
 );
 """
 _JSON_COLUMNS = ("failed_tiles", "extents", "outputs", "summary")
+_UNFINISHED = (JobStatus.STARTED.value, JobStatus.IN_PROGRESS.value)
 
 
 class SqliteStore:
@@ -81,8 +85,10 @@ class SqliteStore:
             existing = _job(conn, job_id)
             if existing is not None:
                 check_same_image(existing, image_url)
-                conn.execute("UPDATE jobs SET attempts = attempts + 1 WHERE job_id = ?", (job_id,))
-                return replace(existing, attempts=existing.attempts + 1)
+                updated_at = existing.updated_at if existing.finished else record.updated_at
+                conn.execute("UPDATE jobs SET attempts = attempts + 1, updated_at = ? WHERE job_id = ?",
+                             (updated_at, job_id))
+                return replace(existing, attempts=existing.attempts + 1, updated_at=updated_at)
             _insert(conn, "jobs", record.to_dict())
             return record
 
@@ -107,6 +113,32 @@ class SqliteStore:
         with self._read() as conn:
             return [_job_from_row(row) for row in conn.execute(sql, [*args, limit])]
 
+    def touch_job(self, job_id: str) -> JobRecord:
+        with self._write() as conn:
+            current = _job(conn, job_id)
+            if current is None:
+                raise UnknownJobError(job_id)
+            if current.finished:
+                return current
+            now = utc_now()
+            conn.execute("UPDATE jobs SET updated_at = ? WHERE job_id = ?", (now, job_id))
+            return replace(current, updated_at=now)
+
+    def stalled_jobs(self, updated_before: str, limit: int = 100) -> list[JobRecord]:
+        check_limit(limit)
+        sql = "SELECT * FROM jobs WHERE status IN (?, ?) AND updated_at < ? ORDER BY updated_at, job_id LIMIT ?"
+        with self._read() as conn:
+            return [_job_from_row(row) for row in conn.execute(sql, (*_UNFINISHED, updated_before, limit))]
+
+    def fail_stalled_job(self, job_id: str, updated_at: str, reason: str) -> JobRecord | None:
+        with self._write() as conn:
+            current = _job(conn, job_id)
+            if current is None or not stalled(current, updated_at):
+                return None
+            changes = stalled_changes(current, reason, utc_now())
+            _update(conn, "jobs", changes, job_id=job_id)
+            return replace(current, **changes)
+
     # --- regions ---
 
     def mark_region(self, job_id: str, region_id: str, status: JobStatus | str, **fields: Any) -> RegionRecord:
@@ -126,10 +158,10 @@ class SqliteStore:
             else:
                 record = replace(current, **changes)
                 _update(conn, "regions", changes, job_id=job_id, region_id=region_id)
-            if newly_done:
-                conn.execute(
-                    "UPDATE jobs SET regions_done = regions_done + 1, updated_at = ? WHERE job_id = ?", (now, job_id)
-                )
+            conn.execute(  # any region mark is progress of its job
+                "UPDATE jobs SET regions_done = regions_done + ?, updated_at = ? WHERE job_id = ?",
+                (int(newly_done), now, job_id),
+            )
             return record
 
     def regions(self, job_id: str) -> list[RegionRecord]:
