@@ -3,19 +3,21 @@ same server sustains under a plain HTTP load generator with the same concurrency
 
 The server runs in its own process (a model that finds nothing by default, so the server's cost is small), so
 neither client shares its GIL. The pipeline is ``mr.detect(mr.open_image(scene), HttpEndpointModel(url,
-tile_format="GTIFF", max_in_flight=C), tile_size=512, overlap=32)`` computed on a local cluster; the load generator
-is C threads, each with one keep-alive ``http.client`` connection, posting the pipeline's own tiles pre-encoded
-with ``mr.encoding.encode_tile`` (GTIFF, no compression). Runs alternate (load generator, pipeline) and the best
-of ``--repeats`` of each is kept. Goal: ratio ≥ 0.9.
+tile_format=F, max_in_flight=C), tile_size=512, overlap=32)`` computed on a local cluster: it reads and decodes the
+scene, as a job does. The load generator is C threads, each with one keep-alive ``http.client`` connection,
+posting the pipeline's own tiles pre-encoded with ``mr.encoding.encode_tile`` (format F, no compression: NITF by
+default, as OSML ModelRunner sends tiles; ``--tile-format GTIFF`` is cheaper for the server to decode). Runs
+alternate (load generator, pipeline) and the best of ``--repeats`` of each is kept. Goal: ratio ≥ 0.9.
 
   python -m benchmarks.bench_endpoint [--size 6000] [--concurrency 4 8] [--workers 2] [--repeats 3]
-                                      [--server-model null|builtin] [--server-nodelay]
+                                      [--tile-format NITF|GTIFF] [--server-model null|builtin] [--server-nodelay]
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
+import os
 import subprocess
 import sys
 import threading
@@ -74,22 +76,22 @@ def start_server(model: str, nodelay: bool = False) -> tuple[subprocess.Popen, s
     return process, url
 
 
-def encoded_tiles(path: Path) -> list[bytes]:
-    """Every tile of the pipeline's grid (tile 512, overlap 32), read from the file and encoded as GTIFF."""
+def encoded_tiles(path: Path, fmt: str = "NITF") -> list[bytes]:
+    """Every tile of the pipeline's grid (tile 512, overlap 32), read from the file and encoded as ``fmt``."""
     plan = mr.detect(mr.open_image(path), "builtin", tile_size=TILE, overlap=OVERLAP).plan
     bounds = plan.grid.tile_bounds().reshape(-1, 4)
     payloads = []
     with rasterio.open(path) as src:
         for x0, y0, x1, y1 in bounds:
             tile = src.read(window=Window(int(x0), int(y0), int(x1 - x0), int(y1 - y0)))
-            payloads.append(encode_tile(tile, fmt="GTIFF", compression="NONE"))
+            payloads.append(encode_tile(tile, fmt=fmt, compression="NONE"))
     return payloads
 
 
-def load_generator_seconds(url: str, payloads: list[bytes], concurrency: int) -> float:
+def load_generator_seconds(url: str, payloads: list[bytes], concurrency: int, fmt: str = "NITF") -> float:
     """Seconds for ``concurrency`` keep-alive connections to post every payload once (read each reply fully)."""
     parts = urlsplit(url)
-    headers = {"Content-Type": content_type("GTIFF"), "Accept": "application/json"}
+    headers = {"Content-Type": content_type(fmt), "Accept": "application/json"}
     lock = threading.Lock()
     queue = iter(payloads)
     errors: list[str] = []
@@ -126,12 +128,12 @@ def load_generator_seconds(url: str, payloads: list[bytes], concurrency: int) ->
     return seconds
 
 
-def pipeline_seconds(path: Path, url: str, concurrency: int, client) -> tuple[float, int]:
+def pipeline_seconds(path: Path, url: str, concurrency: int, client, fmt: str = "NITF") -> tuple[float, int]:
     """Seconds for mr's pipeline to run the endpoint model over every tile of ``path`` (graph built beforehand)."""
     from mr.run import compute_table
 
     # one name per concurrency: the cluster-wide semaphore is keyed by the name and keeps its first max_leases
-    model = HttpEndpointModel(url + "/invocations", tile_format="GTIFF", max_in_flight=concurrency,
+    model = HttpEndpointModel(url + "/invocations", tile_format=fmt, max_in_flight=concurrency,
                               name=f"bench-endpoint-c{concurrency}")
     result = mr.detect(mr.open_image(path), model, tile_size=TILE, overlap=OVERLAP)
     began = time.perf_counter()
@@ -139,9 +141,9 @@ def pipeline_seconds(path: Path, url: str, concurrency: int, client) -> tuple[fl
     return time.perf_counter() - began, len(table)
 
 
-def cpu_seconds(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return times.user + times.system
+def cpu_seconds(*processes: psutil.Process) -> float:
+    """User and system CPU seconds of the processes so far."""
+    return sum(times.user + times.system for times in (process.cpu_times() for process in processes))
 
 
 def main() -> None:
@@ -151,44 +153,56 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads-per-worker", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tile-format", default="NITF", choices=["NITF", "GTIFF"], help="as OSML's tileFormat")
     parser.add_argument("--server-model", default="null")
     parser.add_argument("--server-nodelay", action="store_true", help="TCP_NODELAY on the server (see start_server)")
     args = parser.parse_args()
     from mr.cluster import get_client
 
     path = scene_file(args.size)
-    payloads = encoded_tiles(path)
+    fmt = args.tile_format
+    payloads = encoded_tiles(path, fmt)
     tiles = len(payloads)
     server, url = start_server(args.server_model, args.server_nodelay)
     server_process = psutil.Process(server.pid)
-    lines = [(f"    {tiles} tiles of {TILE}² (overlap {OVERLAP}) from {args.size}², GTIFF {len(payloads[0])} bytes each; "
-             f"server model {args.server_model!r}{' + TCP_NODELAY' if args.server_nodelay else ''}, {args.workers} workers × {args.threads_per_worker} thread")]
+    nodelay = " + TCP_NODELAY" if args.server_nodelay else ""
+    lines = [f"    {tiles} tiles of {TILE}² (overlap {OVERLAP}) from {args.size}², {fmt} {len(payloads[0])} bytes"
+             f" each; server model {args.server_model!r}{nodelay}, "
+             f"{args.workers} workers × {args.threads_per_worker} thread"]
     try:
         with get_client(n_workers=args.workers, threads_per_worker=args.threads_per_worker) as client:
+            here = psutil.Process()
+            workers = [psutil.Process(pid) for pid in client.run(os.getpid).values()]
             for concurrency in args.concurrency:
-                pipeline_seconds(path, url, concurrency, client)  # warm workers, pools, page cache
-                load_generator_seconds(url, payloads, concurrency)
+                pipeline_seconds(path, url, concurrency, client, fmt)  # warm workers, pools, page cache
+                load_generator_seconds(url, payloads, concurrency, fmt)
                 direct, piped, found = [], [], 0
                 server_cpu = {"direct": 0.0, "pipeline": 0.0}
+                client_cpu = {"direct": 0.0, "pipeline": 0.0}  # the load generator's process; mr's workers and client
                 for _ in range(args.repeats):
-                    before = cpu_seconds(server_process)
-                    direct.append(load_generator_seconds(url, payloads, concurrency))
-                    middle = cpu_seconds(server_process)
-                    seconds, found = pipeline_seconds(path, url, concurrency, client)
+                    before, before_client = cpu_seconds(server_process), cpu_seconds(here)
+                    direct.append(load_generator_seconds(url, payloads, concurrency, fmt))
+                    middle, middle_client = cpu_seconds(server_process), cpu_seconds(here, *workers)
+                    seconds, found = pipeline_seconds(path, url, concurrency, client, fmt)
                     piped.append(seconds)
                     server_cpu["direct"] += middle - before
                     server_cpu["pipeline"] += cpu_seconds(server_process) - middle
+                    client_cpu["direct"] += cpu_seconds(here) - before_client
+                    client_cpu["pipeline"] += cpu_seconds(here, *workers) - middle_client
                 direct_rate, piped_rate = tiles / min(direct), tiles / min(piped)
                 ratio = piped_rate / direct_rate
                 lines.append(
                     row(f"endpoint via pipeline ÷ load generator, C={concurrency}", f"{ratio:.2f}×", "≥ 0.9",
                         ratio >= 0.9)
                 )
+                per_tile = {k: f"{1e3 * v / (tiles * args.repeats):.2f}" for k, v in {**server_cpu, **{
+                    f"client-{k}": v for k, v in client_cpu.items()}}.items()}
+                piped_runs, direct_runs = (", ".join(f"{s:.2f}" for s in runs) for runs in (piped, direct))
                 lines.append(
-                    f"    C={concurrency}: pipeline {piped_rate:.0f} tiles/s (runs {', '.join(f'{s:.2f}' for s in piped)} s)"
-                    f", load generator {direct_rate:.0f} tiles/s (runs {', '.join(f'{s:.2f}' for s in direct)} s); "
-                    f"server CPU per tile {1e3 * server_cpu['pipeline'] / (tiles * args.repeats):.1f} ms vs "
-                    f"{1e3 * server_cpu['direct'] / (tiles * args.repeats):.1f} ms; {found} features"
+                    f"    C={concurrency}: pipeline {piped_rate:.0f} tiles/s (runs {piped_runs} s), "
+                    f"load generator {direct_rate:.0f} tiles/s (runs {direct_runs} s); "
+                    f"CPU ms per tile, server {per_tile['pipeline']} vs {per_tile['direct']}, "
+                    f"client side {per_tile['client-pipeline']} vs {per_tile['client-direct']}; {found} features"
                 )
                 print(lines[-2], lines[-1], sep="\n", flush=True)
     finally:

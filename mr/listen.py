@@ -16,7 +16,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 
 from mr import config
 from mr.errors import MrError
@@ -47,8 +49,10 @@ def _job_id_of(body: bytes, fallback: str) -> str:
     """The jobId of a message that failed validation, when it can be read at all."""
     try:
         value = json.loads(body).get("jobId")
-        value.encode("utf-8")  # a lone surrogate ("\ud800") cannot be stored: fall back
-        return value if isinstance(value, str) and value.strip() and len(value) <= 256 else fallback
+        if not (isinstance(value, str) and value.strip() and len(value) <= 256):
+            return fallback
+        value.encode("utf-8")  # a lone surrogate ("\ud800") cannot be stored (UnicodeEncodeError): fall back
+        return value
     except Exception:  # noqa: BLE001 - any unreadable body falls back to the message id
         return fallback
 
@@ -66,6 +70,7 @@ class Listener:
         self.store = open_store(settings.store)
         self.notifier = open_notifier(settings.notices)
         self.stop = threading.Event()
+        self.leases = _LeaseKeeper(self.queue, settings.visibility_timeout)
         self.metrics = ServiceMetrics()
         self.emf = bool(config.get("observability.emf"))
         self.monitor: MonitorServer | None = None
@@ -152,15 +157,16 @@ class Listener:
             request = ImageRequest.from_message(message.body)
             check_request(request)
         except RequestError as error:
-            job_id = self._own_job_id(message)
+            text = _rejected_text(message.body)
+            job_id = self._own_job_id(message, text)
             with log_context(job_id=job_id):
-                self._fail(job_id, "unknown", _text(message.body), str(error), started)
+                self._fail(job_id, "unknown", text, str(error), started)
             _settle(self.queue.delete, message)
             return
         with log_context(job_id=request.job_id):
             self._handle_valid(request, message, started)
 
-    def _own_job_id(self, message) -> str:
+    def _own_job_id(self, message, text: str) -> str:
         """The job an invalid message is recorded under: its jobId, unless that names another request's job (which
         is left alone), else ``invalid-<message id>``."""
         from mr.errors import InvalidInputError
@@ -171,10 +177,10 @@ class Listener:
         if job_id == fallback:
             return fallback
         try:  # atomic: records the job, or returns the one recorded before (raises if recorded for an image)
-            record = self.store.start_job(job_id, "unknown", "unknown", _text(message.body))
+            record = self.store.start_job(job_id, "unknown", "unknown", text)
         except InvalidInputError:
             return fallback
-        return job_id if record.request == redact(_text(message.body)) else fallback
+        return job_id if record.attempts == 1 or record.request == redact(text) else fallback
 
     def _handle_valid(self, request, message, started: float) -> None:
         from mr.errors import InvalidInputError
@@ -200,7 +206,8 @@ class Listener:
         self.notifier.job_status(record, "request received")
         measured = Metrics()
         try:
-            self._run(request, message, started, measured)
+            with self.leases.held(message):
+                self._run(request, message, started, measured)
         except Interrupted:
             log.info("job %s interrupted: left on the queue to be delivered again", job_id)
             return
@@ -332,6 +339,42 @@ def image_extents(georef, width: int, height: int) -> tuple[float, float, float,
     return (float(np.nanmin(lon)), float(np.nanmin(lat)), float(np.nanmax(lon)), float(np.nanmax(lat)))
 
 
+class _LeaseKeeper:
+    """Keeps the messages being run leased, opening, planning and publishing included (the compute loop's keepalive
+    covers only the cluster's part): a lease that lapsed would let a message be delivered again, even to this
+    listener, and its job run and publish twice. One thread for all of them, so one queue connection."""
+
+    def __init__(self, queue, seconds: float) -> None:
+        self.queue = queue
+        self.seconds = seconds
+        self._held: dict[str, object] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def held(self, message) -> Iterator[None]:
+        with self._lock:
+            self._held[message.receipt] = message
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._beat, name="mr-leases", daemon=True)
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:  # waits for an extension in progress: none follows, so a delete after this is clean
+                self._held.pop(message.receipt, None)
+
+    def _beat(self) -> None:
+        while True:
+            time.sleep(max(1.0, self.seconds / 3))
+            with self._lock:
+                for message in list(self._held.values()):
+                    try:
+                        _settle(lambda m: self.queue.extend(m, self.seconds), message)
+                    except Exception as error:  # noqa: BLE001 - a queue that failed once is tried again next beat
+                        log.warning("message %s: could not extend its lease: %s", message.message_id, error)
+
+
 def _settle(action, message) -> None:
     """Delete or extend a message; a lease that lapsed meanwhile is logged (the message comes back and, its job
     being finished, is then deleted without running again)."""
@@ -345,6 +388,17 @@ def _settle(action, message) -> None:
 
 def _text(body: bytes | str) -> str:
     return body if isinstance(body, str) else body.decode("utf-8", errors="replace")
+
+
+REJECTED_TEXT_CHARS = 65536
+"""Most characters of a rejected message kept in its job record: a hostile body may be of any size (a DynamoDB item
+holds 400 KB, and every stored text is scanned for credentials)."""
+
+
+def _rejected_text(body: bytes | str) -> str:
+    """A message that failed validation, as text for its job record, cut to REJECTED_TEXT_CHARS."""
+    text = _text(body)
+    return text if len(text) <= REJECTED_TEXT_CHARS else f"{text[:REJECTED_TEXT_CHARS]}... ({len(body)} bytes in all)"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -192,11 +192,20 @@ class _OsmlHandler(BaseHTTPRequestHandler):
         logger.debug("%s %s", self.address_string(), format % args)
 
 
+class _Server(ThreadingHTTPServer):
+    """A thread per connection, with room for many clients connecting at once.
+
+    The standard backlog of 5 pending connections drops the rest of a burst (every call thread of every worker
+    connects when a job starts), and each dropped connection waits a 1 s SYN retransmit: 8 at once stalled 1 s.
+    """
+
+    request_queue_size = 128
+    daemon_threads = True
+
+
 def make_server(model: Model, host: str = "127.0.0.1", port: int = 8080, **options: Any) -> ThreadingHTTPServer:
     """A bound, not yet serving, threaded HTTP server for ``model`` (port 0 picks a free port)."""
-    server = ThreadingHTTPServer((host, port), make_app(model, **options))
-    server.daemon_threads = True
-    return server
+    return _Server((host, port), make_app(model, **options))
 
 
 def serve(model: Model, host: str = "127.0.0.1", port: int = 8080, **options: Any) -> None:

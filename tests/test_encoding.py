@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mr.encoding import content_type, decode_tile, encode_tile, resolve_encoding, valid_compressions
+from mr import encoding
+from mr.encoding import (
+    _gdal_encode, _splice, content_type, decode_tile, encode_tile, resolve_encoding, valid_compressions,
+)
 from mr.errors import InvalidInputError
 
 LOSSLESS = [
@@ -144,3 +147,27 @@ def test_content_types():
     assert content_type("JPEG") == "image/jpeg"
     with pytest.raises(InvalidInputError):
         content_type("BMP")
+
+
+@pytest.mark.parametrize("fmt", ["NITF", "GTIFF"])
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16", "float32"])
+@pytest.mark.parametrize("shape", [(1, 512, 512), (3, 48, 64), (4, 7, 5)])
+def test_uncompressed_tiles_are_gdals_own_bytes_without_gdal(fmt, dtype, shape):
+    tile = np.random.default_rng(7).normal(50, 30, shape).astype(dtype)
+    expected = _gdal_encode(tile, resolve_encoding(fmt, "NONE", dtype, shape[0]))
+    assert _splice(fmt, "NONE", tile.dtype.str, shape) is not None  # the fast path is taken
+    assert encode_tile(tile, fmt) == expected
+    wider = np.zeros((shape[0], shape[1] + 3, 2 * shape[2] + 1), dtype)
+    wider[:, 2 : 2 + shape[1], 1 : 1 + 2 * shape[2] : 2] = tile
+    assert encode_tile(wider[:, 2 : 2 + shape[1], 1 : 1 + 2 * shape[2] : 2], fmt) == expected  # a strided view
+
+
+def test_a_layout_gdal_does_not_write_falls_back_to_gdal(monkeypatch):
+    monkeypatch.setitem(encoding._SPLICED, ("GTIFF", "NONE"), ("band", ">"))  # not how GDAL writes a GeoTIFF
+    tile = smooth_tile("uint16")
+    encoding._splice.cache_clear()
+    try:
+        assert encoding._splice("GTIFF", "NONE", tile.dtype.str, tile.shape) is None
+        assert encode_tile(tile, "GTIFF") == _gdal_encode(tile, resolve_encoding("GTIFF", "NONE", "uint16", 3))
+    finally:
+        encoding._splice.cache_clear()

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from mr.detections import Detections
+from mr.metrics import Metrics
 from mr.models.base import Model, TileFailure
 from mr.models.endpoint import HttpEndpointModel, RetryPolicy, SageMakerModel, _client_failure, session_name
 
@@ -214,6 +215,114 @@ def test_cluster_wide_limit_through_a_distributed_semaphore():
     assert kinds == ["Semaphore"]
     assert server.calls == 24 and server.peak == 2
     assert all(isinstance(r, Detections) for batch in batches for r in batch)
+
+
+def _pipelined(model: HttpEndpointModel, batches: int) -> list:
+    """What a region task does with an endpoint model: submit every batch, then collect them in order."""
+    pending = [model.submit(tiles(3)) for _ in range(batches)]
+    return [table for batch in pending for table in batch.result()]
+
+
+def test_cluster_wide_limit_holds_for_pipelined_batches_at_a_lease_per_busy_spell():
+    from distributed import Client, LocalCluster
+
+    with Server(healthy, delay=0.02) as server:
+        model = HttpEndpointModel(server.url, retry=FAST, max_in_flight=2, name="limited-pipelined")
+        with LocalCluster(n_workers=2, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster, \
+                Client(cluster) as client:
+            addresses = list(client.scheduler_info()["workers"])
+            futures = [client.submit(_pipelined, model, 4, pure=False, workers=[a]) for a in addresses for _ in "ab"]
+            results = client.gather(futures)
+            semaphores = cluster.scheduler.extensions["semaphores"]
+            acquired = semaphores.metrics["acquire_total"]["mr-endpoint-limited-pipelined"]
+    assert server.calls == 48 and server.peak == 2
+    assert all(isinstance(r, Detections) for batch in results for r in batch)
+    assert 2 <= acquired <= 12  # a lease per call thread and busy spell, not the 48 of a lease per call
+
+
+def test_batches_share_the_process_call_threads():
+    def call_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("mr-endpoint-shared-threads-")}
+
+    with Server(healthy) as server:
+        model = HttpEndpointModel(server.url, retry=FAST, max_in_flight=3, name="shared-threads")
+        model(tiles(5))
+        first = call_threads()
+        model(tiles(7))
+        pickle.loads(pickle.dumps(model))(tiles(2))  # as a worker sees the model: a copy, the same threads
+    assert len(first) == 3 and call_threads() == first and server.calls == 14
+
+
+class KeepAliveServer(Server):
+    """An HTTP/1.1 server that keeps connections open, counts them, and can drop one after its next reply."""
+
+    def __init__(self, respond) -> None:
+        super().__init__(respond)
+        self.connections = 0
+        self.drop_next = False
+        handler, server = self.httpd.RequestHandlerClass, self
+
+        class KeepAlive(handler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with server.lock:
+                    server.connections += 1
+
+            def do_POST(self) -> None:
+                super().do_POST()
+                if server.drop_next:  # as an idle timeout does: closed without a "Connection: close"
+                    server.drop_next, self.close_connection = False, True
+
+        self.httpd.RequestHandlerClass = KeepAlive
+
+
+def test_a_call_thread_keeps_its_connection_and_replaces_one_the_server_closed():
+    with KeepAliveServer(healthy) as server:
+        model = HttpEndpointModel(server.url, retry=FAST, max_in_flight=1, name="keep-alive")
+        model(tiles(3))
+        model(tiles(3))
+        assert server.connections == 1
+        server.drop_next = True
+        model(tiles(1))
+        time.sleep(0.2)  # the server's close reaches the idle connection
+        results = model(tiles(2))
+    assert all(isinstance(r, Detections) for r in results)
+    assert server.calls == 9 and server.connections == 2
+    assert model.stats()["errors"] == 0 and model.stats()["retries"] == 0
+
+
+def test_no_lease_is_held_through_a_back_off(monkeypatch):
+    """Two callers share one lease; the first backs off after a 503 and the second is served meanwhile."""
+    from mr.models.inflight import Lease
+
+    order = []
+
+    def first_fails(server, body):
+        with server.lock:
+            order.append(int(np.frombuffer(body[-1:], np.uint8)[0]))  # the tile's value: its last pixel
+        if order[-1] == 0 and server.attempt(body) == 0:
+            return 503, b"busy"
+        return healthy(server, body)
+
+    monkeypatch.setattr(RetryPolicy, "delay", lambda self, attempt: 0.5)
+    limiter = threading.BoundedSemaphore(1)
+    with Server(first_fails) as server:
+        model = HttpEndpointModel(server.url, retry=FAST, name="backs-off")
+        results = {}
+
+        def call(tile: np.ndarray) -> None:
+            lease = Lease(limiter)
+            results[int(tile.flat[0])] = model._process(tile, lease, metrics=Metrics())
+            lease.give_back()  # as its call thread does once idle
+
+        first = threading.Thread(target=call, args=(tiles(1)[0],))
+        first.start()
+        time.sleep(0.1)
+        call(tiles(2)[1])
+        first.join()
+    assert all(isinstance(r, Detections) for r in results.values()) and order == [0, 1, 0]
 
 
 def test_models_pickle_to_their_arguments_and_validate_them():

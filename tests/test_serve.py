@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -166,3 +168,26 @@ def test_cli_rejects_an_unregistered_model():
     with pytest.raises(InvalidInputError) as raised:
         main(["serve", "--model", "no-such-model", "--port", "0"])
     assert raised.value.field == "model"
+
+
+def test_a_burst_of_connections_is_queued_not_dropped(endpoint):
+    """Every call thread of every worker connects when a job starts; a backlog of 5 dropped the rest (1 s stalls)."""
+    port, answers = urllib.parse.urlsplit(endpoint).port, []
+
+    def ping() -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+            connection.sendall(b"GET /ping HTTP/1.1\r\nHost: mr\r\nConnection: close\r\n\r\n")
+            answers.append(b"".join(iter(lambda: connection.recv(4096), b"")))
+
+    threads = [threading.Thread(target=ping) for _ in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    server, _ = serve_in_thread(BuiltinDetector())
+    try:
+        assert server.request_queue_size >= 64
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(answers) == 32 and all(answer.startswith(b"HTTP/1.1 200") for answer in answers)

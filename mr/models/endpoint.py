@@ -234,9 +234,6 @@ class _EndpointModel:
 
     def __call__(self, tiles: np.ndarray) -> list[Detections | TileFailure]:
         """One table, or a TileFailure, per tile of a (n, bands, h, w) batch, in order."""
-        if not isinstance(tiles, np.ndarray) or tiles.ndim != 4:
-            shape = getattr(tiles, "shape", type(tiles).__name__)
-            raise InvalidInputError("tiles", shape, "must be a numpy array of shape (n, bands, height, width)")
         return self.submit(tiles).result()
 
     def submit(self, tiles: np.ndarray) -> Pending[Detections | TileFailure]:

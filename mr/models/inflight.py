@@ -13,6 +13,7 @@ one lease and makes one call at a time: calls in flight never outnumber leases h
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -22,9 +23,10 @@ from typing import Any, Generic, TypeVar
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-LINGER_S = 0.02
-"""Seconds a thread keeps its lease while no work is queued: covers the gap between a task's batches and between
-its consecutive tasks, yet leaves an idle lease to other workers soon after."""
+LINGER_S = 0.005
+"""Seconds a thread keeps its lease while no work is queued: covers the gap between the batches of a caller that
+waits for each, yet hands an idle lease to another worker soon (not the ~50 ms a task spends reading its next region:
+a lease held idle through that stalls the other workers)."""
 
 
 class Lease:
@@ -74,10 +76,13 @@ class CallPool:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._started: list[threading.Thread] = []
+        self._pid = os.getpid()
 
     def submit(self, work: Callable[[Lease], T]) -> Future:
         """Queue ``work(lease)``, where ``lease`` is the serving thread's: a future of its result."""
         future: Future = Future()
+        if self._pid != os.getpid():  # a forked child has none of its parent's threads: start afresh
+            self._queue, self._lock, self._started, self._pid = queue.SimpleQueue(), threading.Lock(), [], os.getpid()
         self._queue.put((future, work))
         with self._lock:
             while len(self._started) < self.threads:  # all at once, on first use: idle threads cost nothing
