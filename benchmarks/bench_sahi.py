@@ -38,13 +38,14 @@ OVERLAP = 50
 
 def run_mr(path: Path, workers: int, out: Path) -> dict:
     import mr
+    from mr.cluster import preload_task_modules
     from mr.run import compute_table
 
     with PeakMemory() as peak:
         started = time.perf_counter()
         with mr.get_client(n_workers=workers, threads_per_worker=1) as client:
             # imports on the workers (SAHI's side imports before its clock starts too)
-            client.run(lambda: __import__("mr.models.builtin") and __import__("scipy.ndimage"))
+            client.run(preload_task_modules)
             ready = time.perf_counter()
             result = mr.detect(mr.open_image(path), "builtin", tile_size=TILE, overlap=OVERLAP)
             table = compute_table(result, client)

@@ -124,6 +124,7 @@ def main() -> None:
 
     import mr
     from benchmarks.bench_scaling import HeavyDetector  # importable by reference on the workers
+    from mr.cluster import preload_task_modules
 
     path = scene_file(args.size)
     path.read_bytes()  # warm page cache
@@ -132,7 +133,7 @@ def main() -> None:
     runs: dict[tuple[int, int], dict] = {}
     for workers in (1, 2):
         with mr.get_client(n_workers=workers, threads_per_worker=1) as client:
-            client.run(lambda: __import__("mr.models.builtin") and __import__("scipy.ndimage"))
+            client.run(preload_task_modules)
             for region_size in args.region_sizes:
                 runs[workers, region_size] = timed_run(path, client, model, region_size)
 
