@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import dask
 import dask.array as da
 import numpy as np
 from dask.base import tokenize
@@ -65,13 +66,22 @@ def region_tasks(image, grid: TileGrid, kernel, job, *, prefix: str, chunks: tup
             for ry in range(grid.y.region_count)
             for rx in range(grid.x.region_count)
         }
-        graph = HighLevelGraph.from_collections(name, layer, dependencies=())
+        with dask.annotate(priority=_larger_first(grid)):
+            graph = HighLevelGraph.from_collections(name, layer, dependencies=())
         return da.Array(graph, name, chunks, meta=meta)
     blocks = overlapped_blocks(image, grid)
     return da.map_blocks(
         _block_then, blocks, chunks=chunks, meta=meta, name=f"{prefix}-{tokenize(blocks.name, job)}",
         kernel=kernel, job=job, **({"drop_axis": 0} if drop_band else {}),
     )
+
+
+def _larger_first(grid: TileGrid):
+    """Scheduler priority of a region task: its tile count, so big regions start first and the small ones at the
+    image's right and bottom edges fill the end (less time with one worker busy and the others idle)."""
+    ys = [len(grid.y.tiles_of_region(r)) for r in range(grid.y.region_count)]
+    xs = [len(grid.x.tiles_of_region(r)) for r in range(grid.x.region_count)]
+    return lambda key: ys[key[-2]] * xs[key[-1]]
 
 
 def region_results(image, job: RegionJob) -> da.Array:
