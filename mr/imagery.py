@@ -272,9 +272,11 @@ def nitf_source_metadata(location: str, tags: Mapping[str, str]) -> dict[str, An
     ``sourceDT`` (IDATIM as ISO 8601 UTC; None when absent or not a full date). Then every
     :data:`NITF_SOURCE_FIELDS` field that is present and not blank, under GDAL's name (e.g. ``NITF_IID1``).
     """
+    from mr.redact import redact
+
     headers = {k: str(tags[k]).strip() for k in NITF_SOURCE_FIELDS if str(tags.get(k, "")).strip()}
     return {
-        "location": location,
+        "location": redact(location),  # a presigned URL's signature or a user:password never reaches an output
         "format": "NITF",
         "category": headers.get("NITF_ICAT"),
         "sourceId": headers.get("NITF_FTITLE"),

@@ -358,3 +358,14 @@ def test_s3_reads_in_worker_processes_that_have_no_aws_environment(s3, monkeypat
         assert list(worker_env.values()) == [[]]  # no credentials, region or endpoint to inherit
         values = client.compute(image).result().values
     np.testing.assert_array_equal(values, rasters.pattern(3, 48, 64, "uint16"))
+
+
+def test_nitf_source_metadata_never_carries_a_credential():
+    from mr.imagery import nitf_source_metadata
+
+    url = ("https://bucket.s3.amazonaws.com/scene.ntf?X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20261125"
+           "&X-Amz-Signature=0123456789abcdef&X-Amz-Security-Token=FQoGZXIvYXdzEJr")
+    location = nitf_source_metadata(url, {"NITF_FTITLE": "t"})["location"]
+    assert location.startswith("https://bucket.s3.amazonaws.com/scene.ntf")
+    for secret in ("AKIAIOSFODNN7EXAMPLE", "0123456789abcdef", "FQoGZXIvYXdzEJr"):
+        assert secret not in location
