@@ -286,6 +286,80 @@ def test_an_http_endpoint_request_through_mr_serve(scene, embedded, tmp_path):
     assert stats["calls"] >= shown["tile_count"] and stats["errors"] == 0
 
 
+def test_an_endpoint_failing_30_percent_of_calls_succeeds_through_retries(scene, embedded, tmp_path):
+    """A model container that answers 30% of calls with a 500, a reply slower than the timeout, malformed JSON or
+    nothing: the job ends SUCCESS through retries (or PARTIAL naming its tiles) with the planted objects found."""
+    import http.client
+    import http.server
+    import random
+    import threading
+    from urllib.parse import urlsplit
+
+    from mr.models.builtin import BuiltinDetector
+    from mr.serve import serve_in_thread
+
+    model_server, model_url = serve_in_thread(BuiltinDetector())
+    target = urlsplit(model_url)
+    chance, lock, faults = random.Random(30), threading.Lock(), []
+
+    class Flaky(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server API
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            with lock:
+                fault = chance.choice(["500", "slow", "malformed", "empty"]) if chance.random() < 0.3 else None
+                faults.append(fault)
+            if fault == "500":
+                return self._reply(500, b"overloaded")
+            if fault == "slow":
+                time.sleep(1.5)  # past the 1 s timeout the listener is given
+            if fault in ("malformed", "empty"):
+                return self._reply(200, b"{not json" if fault == "malformed" else b"")
+            upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+            upstream.request("POST", "/invocations", body, {"Content-Type": self.headers["Content-Type"]})
+            answer = upstream.getresponse()
+            self._reply(answer.status, answer.read())
+            upstream.close()
+
+        def _reply(self, status: int, body: bytes) -> None:
+            try:
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except OSError:  # the client gave up on a slow reply
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    flaky = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=flaky.serve_forever, daemon=True).start()
+    try:
+        out = tmp_path / "flaky.geojson"
+        request = osml_request("job-flaky", scene[0], [{"type": "File", "path": str(out)}],
+                               imageProcessorTileSize=256, imageProcessorTileOverlap=48)
+        request["imageProcessor"] = {"name": f"http://127.0.0.1:{flaky.server_address[1]}/invocations",
+                                     "type": "HTTP_ENDPOINT"}
+        path = tmp_path / "flaky.json"
+        path.write_text(json.dumps(request))
+        assert mr_command("mr", "submit", str(path), "--queue", embedded["queue"]).returncode == 0
+        listened = mr_command("mr.listen", "--once", *embedded["args"], env={"DASK_MR__MODEL__ENDPOINT_TIMEOUT": "1"})
+        assert listened.returncode == 0, listened.stderr
+    finally:
+        for server in (flaky, model_server):
+            server.shutdown()
+            server.server_close()
+    shown = json.loads(mr_command("mr", "status", "job-flaky", "--store", embedded["store"]).stdout)
+    failed = sum(1 for f in faults if f)
+    assert 0.15 < failed / len(faults) < 0.45 and len(set(faults) - {None}) == 4
+    assert shown["status"] in ("SUCCESS", "PARTIAL")
+    assert shown["summary"]["retries"] >= failed - len(shown["failed_tiles"])
+    assert all(tile["reason"] and tile["bounds"] for tile in shown["failed_tiles"])
+    if shown["status"] == "SUCCESS":
+        boxes = [f["properties"]["imageBBox"] for f in features_of(out)]
+        assert match_detections(boxes, planted_boxes(scene[1])).recall >= 0.95
+
+
 def test_an_endpoint_that_keeps_failing_fails_the_job_with_the_tiles_named(scene, embedded, tmp_path):
     import http.server
     import threading
