@@ -39,6 +39,8 @@ from mr.service import ServiceSettings, resolve_service
 log = logging.getLogger("mr.listen")
 
 FINISHED = ("SUCCESS", "PARTIAL", "FAILED")
+RECEIVE_RETRY_S = 2.0
+"""Seconds the listener waits before receiving again after the queue failed to answer."""
 
 
 def _status_name(status) -> str:
@@ -109,11 +111,19 @@ class Listener:
                 messages = []
                 if free > 0:
                     wait_seconds = 0 if (once or running) else self.settings.poll_seconds
-                    messages = self.queue.receive(
-                        max_messages=free,
-                        wait_seconds=wait_seconds,
-                        visibility_timeout=self.settings.visibility_timeout,
-                    )
+                    try:
+                        messages = self.queue.receive(
+                            max_messages=free,
+                            wait_seconds=wait_seconds,
+                            visibility_timeout=self.settings.visibility_timeout,
+                        )
+                    except Exception as error:  # noqa: BLE001 - a queue that cannot answer now must not stop a service
+                        if once:
+                            raise
+                        log.warning("receiving from %s failed (%s: %s); trying again in %g s", self.settings.queue,
+                                    type(error).__name__, error, RECEIVE_RETRY_S)
+                        self.stop.wait(RECEIVE_RETRY_S)
+                        messages = []
                 for message in messages:
                     running.add(pool.submit(self.handle, message))
                 if once and not messages and not running:
@@ -136,8 +146,8 @@ class Listener:
 
         try:
             sweep_stuck_jobs(self.store, self.notifier, self.settings.stuck_after)
-        except MrError as error:  # a store that cannot answer now: the next sweep tries again
-            log.warning("sweep for stuck jobs failed: %s", error)
+        except Exception as error:  # noqa: BLE001 - a store that cannot answer now: the next sweep tries again
+            log.warning("sweep for stuck jobs failed: %s: %s", type(error).__name__, error)
 
     def handle(self, message) -> None:
         """One message, start to finish; never raises (a failure is recorded, not thrown)."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -437,3 +439,34 @@ def test_requests_outside_the_allowed_roots_fail(scene, embedded, tmp_path):
     assert listened.returncode == 0, listened.stderr
     shown = json.loads(mr_command("mr", "status", "job-outside", "--store", embedded["store"]).stdout)
     assert shown["status"] == "FAILED" and "imageUrls[0]" in shown["message"] and not out.exists()
+
+
+def test_a_queue_that_fails_for_a_while_does_not_stop_the_listener(scene, client, tmp_path):
+    """Receive errors (an SQS outage) are logged and retried; the request queued meanwhile still runs."""
+    from mr.listen import Listener
+    from mr.queues import open_queue
+    from mr.service import resolve_service
+
+    database = f"sqlite:///{tmp_path / 'mr.db'}"
+    out = tmp_path / "after-outage.geojson"
+    open_queue(database).send(json.dumps(osml_request("job-outage", scene[0], [{"type": "File", "path": str(out)}])))
+    listener = Listener(resolve_service(database, database, None, str(tmp_path), 1), client)
+    real_receive, failures = listener.queue.receive, []
+
+    def flaky_receive(**kwargs):
+        if len(failures) < 2:
+            failures.append(1)
+            raise ConnectionError("queue endpoint unreachable")
+        messages = real_receive(**kwargs)
+        job = listener.store.get_job("job-outage")
+        if not messages and job is not None and job.finished:
+            listener.stop.set()  # the job ran: end the test's service loop
+        return messages
+
+    listener.queue.receive = flaky_receive
+    listener.settings = dataclasses.replace(listener.settings, poll_seconds=0)
+    runner = threading.Thread(target=listener.run)
+    runner.start()
+    runner.join(timeout=120)
+    assert not runner.is_alive() and len(failures) == 2
+    assert listener.store.get_job("job-outage").status.value == "SUCCESS" and out.exists()
