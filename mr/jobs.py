@@ -63,9 +63,8 @@ def compute_with_keepalive(
         while pending:
             try:
                 wait(list(pending), timeout=interval, return_when="FIRST_COMPLETED")
-            except TimeoutError:  # still running: keep going, unless the service is stopping
-                if stop.is_set():
-                    raise Interrupted("stopping: the request is left to be delivered again") from None
+            except TimeoutError:  # still running: keep the lease below, unless the service is stopping
+                pass
             if time.monotonic() >= next_keepalive:  # on elapsed time: parts finishing often must not starve it
                 keepalive()
                 next_keepalive = time.monotonic() + interval

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +60,37 @@ _AWS_ENV = (
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN",
     "AWS_PROFILE",
 )
+
+
+_store_prefixes = itertools.count()
+
+
+@pytest.fixture(params=["sqlite", "dynamodb"])
+def store(request, tmp_path):
+    """Each state store in turn: SQLite in a temporary folder, DynamoDB (tables of their own) on the moto server."""
+    from mr.state import DynamoStore, SqliteStore
+
+    if request.param == "sqlite":
+        opened = SqliteStore(tmp_path / "state.db")
+    else:
+        request.getfixturevalue("moto_server")
+        name = re.sub(r"[^A-Za-z0-9_.-]", "-", request.node.name)[:60]
+        opened = DynamoStore(f"mr-test-{next(_store_prefixes)}-{name}")
+        opened.ensure_tables()
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def queue_dir(tmp_path):
+    """A folder for an SQLite queue: in RAM (/dev/shm) where there is one, so that tens of thousands of commits cost
+    no fsync (what is tested is the listener, not the disk)."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield tmp_path
+        return
+    folder = Path(tempfile.mkdtemp(prefix="mr-test-", dir=shm))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

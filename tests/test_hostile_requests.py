@@ -15,15 +15,12 @@ import json
 import os
 import random
 import re
-import shutil
 import sqlite3
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -333,21 +330,6 @@ def read_job_id(body: bytes) -> str | None:
     except UnicodeEncodeError:
         return None
     return value
-
-
-@pytest.fixture
-def queue_dir(tmp_path):
-    """A folder for the SQLite file: in RAM (/dev/shm) where there is one, so that its ~40,000 commits cost no fsync
-    (what is tested is the listener, not the disk)."""
-    shm = Path("/dev/shm")
-    if not (shm.is_dir() and os.access(shm, os.W_OK)):
-        yield tmp_path
-        return
-    folder = Path(tempfile.mkdtemp(prefix="mr-hostile-", dir=shm))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def valid_request(i: int, image: Path, folder: Path) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,35 @@ def embedded(tmp_path):
 
 def features_of(path: Path) -> list[dict]:
     return json.loads(path.read_text())["features"]
+
+
+@contextlib.contextmanager
+def loopback_server(handler) -> Iterator[str]:
+    """An http.server with ``handler`` on 127.0.0.1 in a thread: yields its /invocations URL."""
+    import http.server
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/invocations"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def listen_to_endpoint_request(
+    job_id: str, endpoint: str, image: Path, out: Path, embedded: dict, env: dict | None = None, timeout: float = 300,
+    **extra,
+) -> subprocess.CompletedProcess:
+    """Submit an HTTP_ENDPOINT request writing to ``out``, then run the listener once; returns the listener's run."""
+    request = osml_request(job_id, image, [{"type": "File", "path": str(out)}], **extra)
+    request["imageProcessor"] = {"name": endpoint, "type": "HTTP_ENDPOINT"}
+    path = out.with_suffix(".request.json")
+    path.write_text(json.dumps(request))
+    assert mr_command("mr", "submit", str(path), "--queue", embedded["queue"]).returncode == 0
+    listened = mr_command("mr.listen", "--once", *embedded["args"], env=env, timeout=timeout)
+    assert listened.returncode == 0, listened.stderr
+    return listened
 
 
 def test_embedded_request_end_to_end(scene, embedded, tmp_path):
@@ -268,15 +299,9 @@ def test_an_http_endpoint_request_through_mr_serve(scene, embedded, tmp_path):
     from mr.serve import serve_in_thread
 
     server, url = serve_in_thread(BuiltinDetector())
+    out = tmp_path / "endpoint.geojson"
     try:
-        out = tmp_path / "endpoint.geojson"
-        request = osml_request("job-http", scene[0], [{"type": "File", "path": str(out)}])
-        request["imageProcessor"] = {"name": f"{url}/invocations", "type": "HTTP_ENDPOINT"}
-        path = tmp_path / "http.json"
-        path.write_text(json.dumps(request))
-        assert mr_command("mr", "submit", str(path), "--queue", embedded["queue"]).returncode == 0
-        listened = mr_command("mr.listen", "--once", *embedded["args"])
-        assert listened.returncode == 0, listened.stderr
+        listen_to_endpoint_request("job-http", f"{url}/invocations", scene[0], out, embedded)
     finally:
         server.shutdown()
         server.server_close()
@@ -294,7 +319,6 @@ def test_an_endpoint_failing_30_percent_of_calls_succeeds_through_retries(scene,
     import http.client
     import http.server
     import random
-    import threading
     from urllib.parse import urlsplit
 
     from mr.models.builtin import BuiltinDetector
@@ -334,23 +358,15 @@ def test_an_endpoint_failing_30_percent_of_calls_succeeds_through_retries(scene,
         def log_message(self, *args):
             pass
 
-    flaky = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
-    threading.Thread(target=flaky.serve_forever, daemon=True).start()
+    out = tmp_path / "flaky.geojson"
     try:
-        out = tmp_path / "flaky.geojson"
-        request = osml_request("job-flaky", scene[0], [{"type": "File", "path": str(out)}],
-                               imageProcessorTileSize=256, imageProcessorTileOverlap=48)
-        request["imageProcessor"] = {"name": f"http://127.0.0.1:{flaky.server_address[1]}/invocations",
-                                     "type": "HTTP_ENDPOINT"}
-        path = tmp_path / "flaky.json"
-        path.write_text(json.dumps(request))
-        assert mr_command("mr", "submit", str(path), "--queue", embedded["queue"]).returncode == 0
-        listened = mr_command("mr.listen", "--once", *embedded["args"], env={"DASK_MR__MODEL__ENDPOINT_TIMEOUT": "1"})
-        assert listened.returncode == 0, listened.stderr
+        with loopback_server(Flaky) as endpoint:
+            listen_to_endpoint_request("job-flaky", endpoint, scene[0], out, embedded,
+                                       env={"DASK_MR__MODEL__ENDPOINT_TIMEOUT": "1"},
+                                       imageProcessorTileSize=256, imageProcessorTileOverlap=48)
     finally:
-        for server in (flaky, model_server):
-            server.shutdown()
-            server.server_close()
+        model_server.shutdown()
+        model_server.server_close()
     shown = json.loads(mr_command("mr", "status", "job-flaky", "--store", embedded["store"]).stdout)
     failed = sum(1 for f in faults if f)
     assert 0.15 < failed / len(faults) < 0.45 and len(set(faults) - {None}) == 4
@@ -364,7 +380,6 @@ def test_an_endpoint_failing_30_percent_of_calls_succeeds_through_retries(scene,
 
 def test_an_endpoint_that_keeps_failing_fails_the_job_with_the_tiles_named(scene, embedded, tmp_path):
     import http.server
-    import threading
 
     class AlwaysFailing(http.server.BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 - the http.server API
@@ -375,22 +390,9 @@ def test_an_endpoint_that_keeps_failing_fails_the_job_with_the_tiles_named(scene
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AlwaysFailing)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        out = tmp_path / "partial.geojson"
-        request = osml_request("job-failing", scene[0], [{"type": "File", "path": str(out)}])
-        request["imageProcessor"] = {
-            "name": f"http://127.0.0.1:{server.server_address[1]}/invocations", "type": "HTTP_ENDPOINT"
-        }
-        path = tmp_path / "failing.json"
-        path.write_text(json.dumps(request))
-        assert mr_command("mr", "submit", str(path), "--queue", embedded["queue"]).returncode == 0
-        listened = mr_command("mr.listen", "--once", *embedded["args"], timeout=240)
-        assert listened.returncode == 0, listened.stderr
-    finally:
-        server.shutdown()
-        server.server_close()
+    out = tmp_path / "partial.geojson"
+    with loopback_server(AlwaysFailing) as endpoint:
+        listen_to_endpoint_request("job-failing", endpoint, scene[0], out, embedded, timeout=240)
     shown = json.loads(mr_command("mr", "status", "job-failing", "--store", embedded["store"]).stdout)
     assert shown["status"] == "FAILED" and f"all {shown['tile_count']} tiles failed" in shown["message"]
     assert len(shown["failed_tiles"]) == shown["tile_count"] > 0
@@ -405,20 +407,14 @@ def test_a_model_that_never_answers_fails_the_job_in_bounded_time(scene, embedde
     silent = socket.socket()  # accepts connections (the kernel's backlog) and never answers
     silent.bind(("127.0.0.1", 0))
     silent.listen(256)
+    out = tmp_path / "never.geojson"
+    env = {"DASK_MR__MODEL__ENDPOINT_TIMEOUT": "1", "DASK_MR__MODEL__ENDPOINT_MAX_ATTEMPTS": "2",
+           "DASK_MR__MODEL__ENDPOINT_BREAKER_FAILURES": "4"}
     try:
-        out = tmp_path / "never.geojson"
-        request = osml_request("job-silent", scene[0], [{"type": "File", "path": str(out)}])
-        request["imageProcessor"] = {"name": f"http://127.0.0.1:{silent.getsockname()[1]}/invocations",
-                                     "type": "HTTP_ENDPOINT"}
-        path = tmp_path / "silent.json"
-        path.write_text(json.dumps(request))
-        assert mr_command("mr", "submit", str(path), "--queue", embedded["queue"]).returncode == 0
-        env = {"DASK_MR__MODEL__ENDPOINT_TIMEOUT": "1", "DASK_MR__MODEL__ENDPOINT_MAX_ATTEMPTS": "2",
-               "DASK_MR__MODEL__ENDPOINT_BREAKER_FAILURES": "4"}
         started = time.monotonic()
-        listened = mr_command("mr.listen", "--once", *embedded["args"], env=env, timeout=120)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}/invocations"
+        listen_to_endpoint_request("job-silent", endpoint, scene[0], out, embedded, env=env, timeout=120)
         seconds = time.monotonic() - started
-        assert listened.returncode == 0, listened.stderr
     finally:
         silent.close()
     shown = json.loads(mr_command("mr", "status", "job-silent", "--store", embedded["store"]).stdout)

@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-import pytest
 
 from mr.synthetic import write_scene
 
@@ -143,20 +140,6 @@ def test_a_backlog_of_200_requests_drains_in_bounded_memory(tmp_path):
         f"half peak {max(large.rss[:half]) / mib:.0f}/{max(large.rss[half:]) / mib:.0f} MiB; at most "
         f"{large.max_leased} leased, {large.max_running} running (limit {IN_FLIGHT}); lost: none"
     )
-
-
-@pytest.fixture
-def queue_dir(tmp_path):
-    """A folder for a SQLite file: in RAM (/dev/shm) where there is one, so that 20,000 commits cost no fsync."""
-    shm = Path("/dev/shm")
-    if not (shm.is_dir() and os.access(shm, os.W_OK)):
-        yield tmp_path
-        return
-    folder = Path(tempfile.mkdtemp(prefix="mr-load-", dir=shm))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_a_receive_costs_the_same_whatever_the_backlog(queue_dir):

@@ -8,7 +8,6 @@ import json
 import logging
 import multiprocessing
 import pickle
-import re
 import threading
 from datetime import datetime, timezone
 
@@ -34,18 +33,6 @@ URL = "s3://imagery/scene.tif"
 REQUEST = json.dumps({"jobId": "job-1", "imageUrls": [URL]})
 FAILED_TILE = {"region": "r0-c1", "bounds": [[0, 512], [512, 512]], "reason": "endpoint timed out"}
 _prefixes = itertools.count()
-
-
-@pytest.fixture(params=["sqlite", "dynamodb"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        opened = SqliteStore(tmp_path / "state.db")
-    else:
-        request.getfixturevalue("moto_server")
-        opened = DynamoStore(f"mr-test-{next(_prefixes)}-{re.sub(r'[^A-Za-z0-9_.-]', '-', request.node.name)[:60]}")
-        opened.ensure_tables()
-    yield opened
-    opened.close()
 
 
 def start(store, job_id="job-1", **fields) -> JobRecord:

@@ -31,18 +31,6 @@ HOUR = 3600.0
 _prefixes = itertools.count()
 
 
-@pytest.fixture(params=["sqlite", "dynamodb"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        opened = SqliteStore(tmp_path / "state.db")
-    else:
-        request.getfixturevalue("moto_server")
-        opened = DynamoStore(f"mr-sweep-{next(_prefixes)}-{re.sub(r'[^A-Za-z0-9_.-]', '-', request.node.name)[:60]}")
-        opened.ensure_tables()
-    yield opened
-    opened.close()
-
-
 class Notices:
     """A notifier that keeps what it is told."""
 

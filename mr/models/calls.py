@@ -75,7 +75,6 @@ class _Circuit:
         self.in_a_row = 0
         self.open_until = 0.0
         self.last_reason = ""
-        self.breaker_failed_at = 0.0
 
     def refuses(self, breaker: Breaker) -> str | None:
         """Why no call should be made now, or None (when the open period is over, one caller probes)."""
@@ -83,22 +82,22 @@ class _Circuit:
             now = time.monotonic()
             if self.in_a_row < breaker.failures:
                 return None
-            if self.open_until == 0.0:  # just tripped: open from the last failure on
-                self.open_until = self.breaker_failed_at + breaker.seconds
             if now >= self.open_until:
                 self.open_until = now + breaker.seconds  # this caller probes; the others keep failing fast
                 return None
             return (f"not called: the endpoint failed {self.in_a_row} tiles in a row (last: {self.last_reason}); "
                     f"calls resume in {self.open_until - now:.0f} s")
 
-    def record(self, ok: bool, reason: str = "") -> None:
+    def record(self, ok: bool, breaker: Breaker, reason: str = "") -> None:
+        """Count a tile that succeeded (closes the circuit) or failed for good (opens it at ``failures`` in a row)."""
         with self._lock:
             if ok:
                 self.in_a_row, self.open_until = 0, 0.0
                 return
             self.in_a_row += 1
             self.last_reason = reason
-            self.breaker_failed_at = time.monotonic()
+            if self.in_a_row >= breaker.failures:
+                self.open_until = time.monotonic() + breaker.seconds
 
 
 class EndpointStats:

@@ -160,13 +160,13 @@ class _EndpointModel:
             try:
                 detections = self._attempt(payload, media_type, lease, stats, metrics)
                 if circuit:
-                    circuit.record(True)
+                    circuit.record(True, self.breaker)
                 return detections
             except _CallFailed as e:
                 if not e.retryable or attempt == self.retry.max_attempts:
                     stats.add(failed_tiles=1)
                     if circuit and e.retryable:  # a request the endpoint rejects for good says nothing of its health
-                        circuit.record(False, e.reason)
+                        circuit.record(False, self.breaker, e.reason)
                     plural = "s" if attempt > 1 else ""
                     return TileFailure(f"{self.name}: {e.reason} after {attempt} attempt{plural}")
             stats.add(retries=1)
