@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from mr.api import DetectionResult, _Part, detect
+from mr.api import DetectionResult, detect
 from mr.checkpoint import DirectoryCheckpoint
 from mr.detections import Detections
 from mr.errors import MrError
@@ -23,6 +23,7 @@ from mr.imagery import open_image
 from mr.limits import require_georeference
 from mr.logs import log_context
 from mr.metrics import Metrics, Operation
+from mr.run import submit_parts
 
 
 class Interrupted(MrError):
@@ -55,7 +56,7 @@ def compute_with_keepalive(
     metrics = metrics if metrics is not None else Metrics()
     from distributed import wait
 
-    futures = client.compute([_Part(result, key) for key in result.built.part_keys])
+    futures = submit_parts(result, client)
     part_of = dict(zip(futures, result.built.part_keys))
     pending = set(futures)
     next_keepalive = time.monotonic() + interval

@@ -41,6 +41,14 @@ class RunSummary:
         )
 
 
+def submit_parts(result: DetectionResult, client) -> list:
+    """Futures of the result's settled parts on ``client``'s cluster, one per part key, in part order.
+
+    The graph goes in as it is, with its keys as outputs: ``client.compute`` on one collection per part would add a
+    finalize task per part (a scheduler round trip each on the worker that runs it, between region tasks)."""
+    return client.get(result.built.graph, list(result.built.part_keys), sync=False)
+
+
 def compute_table(result: DetectionResult, client=None, progress: bool = False) -> FeatureTable:
     """Compute every settled part on the client's cluster (or the default scheduler) and concatenate them."""
     parts = [_Part(result, key) for key in result.built.part_keys]
@@ -53,7 +61,7 @@ def compute_table(result: DetectionResult, client=None, progress: bool = False) 
             with ProgressBar():
                 return FeatureTable.concat(dask.compute(*parts))
         return FeatureTable.concat(dask.compute(*parts))
-    futures = client.compute(parts)
+    futures = submit_parts(result, client)
     if progress:
         from distributed import progress as show_progress
 
