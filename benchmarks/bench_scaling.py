@@ -10,7 +10,7 @@ LocalCluster of 1 and then of 2 workers × 1 thread:
 - scheduler time per megapixel, from ``distributed.get_task_stream(client)`` (the scheduler's task stream plugin): every task's "compute" interval on its worker.
   ``idle = workers × wall − Σ compute`` is the worker time spent on anything but running task code: graph
   submission, scheduler decisions and messages, (de)serialisation, data transfer between workers, the gather, and
-  load imbalance at the tail (a worker with nothing left to run). Submission (``client.compute``) is timed apart,
+  load imbalance at the tail (a worker with nothing left to run). Submission (``mr.run.submit_parts``) is timed apart,
   and the gaps between consecutive tasks on one worker (scheduler round trips while there is work) are summed apart
   from the tail wait.
 
@@ -77,8 +77,8 @@ def machine_ceiling(rounds: int, tiles: int) -> dict:
 
 def timed_run(path, client, model, region_size: int) -> dict:
     import mr
-    from mr.api import _Part
     from mr.features import FeatureTable
+    from mr.run import submit_parts
 
     result = mr.detect(mr.open_image(path), model, tile_size=1024, overlap=50, region_size=region_size)
     graph_tasks = len(result.built.graph)
@@ -87,7 +87,7 @@ def timed_run(path, client, model, region_size: int) -> dict:
 
     with get_task_stream(client) as stream:
         started = time.perf_counter()
-        futures = client.compute([_Part(result, key) for key in result.built.part_keys])
+        futures = submit_parts(result, client)
         submitted = time.perf_counter()
         table = FeatureTable.concat(client.gather(futures))
         wall = time.perf_counter() - started
