@@ -72,10 +72,27 @@ def worker_environment():
     large temporary array of a model is then a fresh mmap whose pages fault in on first touch, about 25% of the
     built-in detector's time. ``mr.cluster.worker-environ`` keeps arrays up to 32 MiB in the heap and trims it
     above 128 MiB instead (measured: 16.5 → 11.6 ms per 1024² tile; peak memory checked by bench_memory).
+
+    ``mr.cluster.local-dask-config`` (distributed settings, dotted keys) is in force too: the nannies hand the
+    configuration to their workers, and the scheduler reads it as it starts.
     """
     import dask
 
-    return dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()})
+    settings = _dotted(config.get("cluster.local-dask-config") or {})
+    return dask.config.set({**settings, "distributed.nanny.pre-spawn-environ": worker_environ()})
+
+
+def _dotted(tree: dict, prefix: str = "") -> dict:
+    """Leaf settings of a nested mapping under dotted keys (``dask.config.set`` replaces whole subtrees otherwise);
+    a null leaf keeps distributed's own value."""
+    flat: dict = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(_dotted(value, name))
+        elif value is not None:
+            flat[name] = value
+    return flat
 
 
 def _gateway_settings():
