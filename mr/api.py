@@ -20,6 +20,7 @@ from mr.models.base import Model
 from mr.models.registry import resolve_model
 from mr.roi import RegionOfInterest, resolve_roi
 from mr.settings import resolve_region_settings, resolve_tiling
+from mr.tasks import settled_table
 from mr.tiling import TileGrid, tile_grid
 
 
@@ -145,7 +146,7 @@ class _Part:
         return [self.key]
 
     def __dask_postcompute__(self):
-        return (lambda results: results[0]), ()
+        return (lambda results: settled_table(results[0])), ()
 
     def __dask_tokenize__(self):
         return (self.result.built.name, self.key)
@@ -155,7 +156,7 @@ class _Part:
 
 
 def _to_frame(parts: list, metadata: OutputMetadata):
-    table = FeatureTable.concat(parts)
+    table = FeatureTable.concat([settled_table(part) for part in parts])
     frame = to_geodataframe(table, metadata)
     frame.attrs["failed_tiles"] = list(table.failed_tiles)
     frame.attrs["metrics"] = table.metrics.summary() if table.metrics is not None else {}
@@ -238,6 +239,7 @@ def detect(
     job = RegionJob(
         grid, resolved_model, settings, mask, region.pixels if region else None, checkpoint,
         job_id=job_id, image_id=str(image.attrs.get("image_id", "")), input_format=input_format_of(image),
+        georef=georef,
     )
     results = region_results(image, job)
     built = build_detection_graph(results, grid, settings, georef)

@@ -1,8 +1,8 @@
 """Graph construction: one read-and-infer task per region, then a tree that settles seam features.
 
-Task names say what each step is on the dashboard: ``read-infer-region`` (one task reads a region's window and
-runs its tiles, so pixels never travel between workers), ``geolocate-region``, ``pending-region``,
-``merge-seams``, ``geolocate-seams`` and ``pending-seams``.
+Task names say what each step is on the dashboard: ``read-infer-region`` (one task reads a region's window, runs
+its tiles and geolocates what it settles, so pixels never travel between workers) and ``merge-seams`` (one node of
+the tree). Every task leaves a `mr.tasks.Part`; the parts' settled tables together are the result.
 
 This is the only module that builds dask graphs. It reads no pixels and computes nothing; task keys are
 deterministic (``tokenize`` of the inputs), so the same request always gives the same graph.
@@ -19,17 +19,14 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from mr.geo import Georeference
-from mr.regions import RegionSettings, merge_pending
+from mr.regions import RegionSettings
 from mr.tasks import (  # noqa: F401  (RegionJob and block_span are part of this module's interface)
     RegionJob,
     _block_then,
-    _node_pending,
-    _node_settled,
-    _pending,
     _read_then,
     _run_region,
-    _settled,
     block_span,
+    merge_seams,
 )
 from mr.tiling import TileGrid
 
@@ -127,33 +124,23 @@ def build_detection_graph(
     georef: Georeference | None,
     split_every: int = 2,
 ) -> DetectionGraph:
-    """Leaves: each region's settled features, geolocated. Nodes: the seam tree over pending features."""
+    """Parts: each region task (its settled features, geolocated), then each node of the seam tree over what the
+    regions left pending."""
     token = tokenize(results.name, georef, split_every)
-    settle_name, pending_name = f"geolocate-region-{token}", f"pending-region-{token}"
-    layers: dict = {settle_name: {}, pending_name: {}}
-    parts: list = []
     ny, nx = results.numblocks
-    for ry in range(ny):
-        for rx in range(nx):
-            cell = (results.name, ry, rx)
-            layers[settle_name][(settle_name, ry, rx)] = (_settled, cell, georef)
-            layers[pending_name][(pending_name, ry, rx)] = (_pending, cell)
-            parts.append((settle_name, ry, rx))
-    below = pending_name
-    deps = {settle_name: {results.name}, pending_name: {results.name}}
+    parts: list = [(results.name, ry, rx) for ry in range(ny) for rx in range(nx)]
+    layers: dict = {}
+    deps: dict = {}
+    below = results.name
     for level, nodes in seam_tree_groups((ny, nx), split_every):
-        merge, settled, pending = (
-            f"{kind}-{level}-{token}" for kind in ("merge-seams", "geolocate-seams", "pending-seams")
-        )
-        layers[merge], layers[settled], layers[pending] = {}, {}, {}
+        merge = f"merge-seams-{level}-{token}"
+        layers[merge] = {}
         for (py, px), children, group in nodes:
             child_keys = [(below, cy, cx) for cy, cx in children]
-            layers[merge][(merge, py, px)] = (merge_pending, child_keys, grid, group, settings)
-            layers[settled][(settled, py, px)] = (_node_settled, (merge, py, px), georef)
-            layers[pending][(pending, py, px)] = (_node_pending, (merge, py, px))
-            parts.append((settled, py, px))
-        deps[merge], deps[settled], deps[pending] = {below}, {merge}, {merge}
-        below = pending
+            layers[merge][(merge, py, px)] = (merge_seams, child_keys, grid, group, settings, georef)
+            parts.append((merge, py, px))
+        deps[merge] = {below}
+        below = merge
     graph = HighLevelGraph(
         {**results.__dask_graph__().layers, **layers},
         {**results.__dask_graph__().dependencies, **deps},

@@ -24,6 +24,7 @@ from mr.limits import require_georeference
 from mr.logs import log_context
 from mr.metrics import Metrics, Operation
 from mr.run import submit_parts
+from mr.tasks import settled_table
 
 
 class Interrupted(MrError):
@@ -78,19 +79,19 @@ def compute_with_keepalive(
                     client.cancel(list(pending))
                     future.result()
                 if future.status == "finished":
-                    part = future.result()
+                    part = settled_table(future.result())
                     on_part(part)
                     if _is_region(key):
                         on_region(int(key[1]), int(key[2]), part)
         with metrics.timed(Operation.FEATURE_AGGREGATION, invocations=len(futures)):
-            return FeatureTable.concat(client.gather(futures))
+            return FeatureTable.concat([settled_table(part) for part in client.gather(futures)])
     finally:
         if stop.is_set():
             client.cancel(futures)
 
 
 def _is_region(key) -> bool:
-    return isinstance(key, tuple) and str(key[0]).startswith("geolocate-region-")
+    return isinstance(key, tuple) and str(key[0]).startswith("read-infer-region-")
 
 
 def _tagged(table: FeatureTable, image_id: str) -> FeatureTable:

@@ -9,6 +9,7 @@ from pathlib import Path
 from mr.api import DetectionResult, _Part
 from mr.features import FeatureTable
 from mr.output import write_features
+from mr.tasks import settled_table
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def compute_table(result: DetectionResult, client=None, progress: bool = False) 
 
         show_progress(futures)
         print()
-    return FeatureTable.concat(client.gather(futures))
+    return FeatureTable.concat([settled_table(part) for part in client.gather(futures)])
 
 
 def run_to_file(result: DetectionResult, out: str | Path | None, client=None, progress: bool = False) -> RunSummary:

@@ -1,4 +1,8 @@
-"""What the tasks of a detection graph run: one region (read, infer, checkpoint), then geolocation and seams.
+"""What the tasks of a detection graph run: one region (read, infer, checkpoint, geolocate), then the seam nodes.
+
+Each task leaves one `Part`: the features it settled, geolocated (what the caller gathers), and those still
+pending (what the next seam node takes). One task per region and per node keeps the graph small: each extra task
+costs a scheduler round trip on a worker between region tasks and at the end of a job.
 
 Kept apart from :mod:`mr.graph` (which builds graphs with dask.array) so a worker imports only this and the numpy
 modules it uses: a fresh worker is ready in a third of the time.
@@ -19,7 +23,7 @@ from mr.geo import Georeference
 from mr.logs import log_context
 from mr.metrics import Metrics, Operation
 from mr.models.base import Model
-from mr.regions import RegionResult, RegionSettings, RegionTask, process_region, region_tiles
+from mr.regions import RegionResult, RegionSettings, RegionTask, merge_pending, process_region, region_tiles
 from mr.tiling import TileGrid
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,8 @@ class RegionJob:
     image_id: str = ""
     input_format: str = ""
     """Names of the work, for log lines and metric dimensions."""
+    georef: Georeference | None = None
+    """Where settled features are placed on the Earth (None: they keep pixel coordinates)."""
 
     def task(self, ry: int, rx: int) -> RegionTask:
         mask = None
@@ -51,9 +57,28 @@ class RegionJob:
         return RegionTask(ry, rx, mask)
 
 
-def _boxed(result: RegionResult) -> np.ndarray:
+@dataclass(frozen=True)
+class Part:
+    """What a region task or a seam node leaves: the features it settled, geolocated, and those still pending."""
+
+    settled: FeatureTable
+    pending: Detections
+
+
+def part_of(value) -> Part:
+    """The `Part` of a task's value: region tasks leave theirs boxed in a 1×1 object block."""
+    return value[0, 0] if isinstance(value, np.ndarray) else value
+
+
+def settled_table(value) -> FeatureTable:
+    """The settled, geolocated features of a task's value (what callers gather)."""
+    return part_of(value).settled
+
+
+def _boxed(result: RegionResult, georef: Georeference | None) -> np.ndarray:
+    """The region's part (settled rows geolocated, with the region's metrics and failed tiles) in a 1×1 block."""
     out = np.empty((1, 1), dtype=object)
-    out[0, 0] = result
+    out[0, 0] = Part(_located(result.settled, georef, result.metrics, result.failed_tiles), result.pending)
     return out
 
 
@@ -68,7 +93,7 @@ def _run_region(read, job: RegionJob, ry: int, rx: int) -> np.ndarray:
             stored = job.checkpoint.load(ry, rx)
             if stored is not None:
                 log.info("region r%d-c%d: loaded from its checkpoint, not recomputed", ry, rx)
-                return _boxed(stored)
+                return _boxed(stored, job.georef)
         started = time.perf_counter()
         metrics = Metrics()
         task = job.task(ry, rx)
@@ -90,7 +115,7 @@ def _run_region(read, job: RegionJob, ry: int, rx: int) -> np.ndarray:
             "region r%d-c%d: %d tiles, %d features settled, %d pending, %d failed tiles in %.2f s",
             ry, rx, result.tiles, len(result.settled), len(result.pending), len(result.failed_tiles), seconds,
         )
-        return _boxed(dataclasses.replace(result, metrics=metrics))
+        return _boxed(dataclasses.replace(result, metrics=metrics), job.georef)
 
 
 def _read_then(kernel, reader, grid: TileGrid, job, ry: int, rx: int):
@@ -113,21 +138,11 @@ def _located(settled: Detections, georef: Georeference | None, measured: Metrics
     return dataclasses.replace(table, failed_tiles=failed, metrics=metrics)
 
 
-def _settled(cell: np.ndarray, georef: Georeference | None) -> FeatureTable:
-    result = cell[0, 0]
-    return _located(result.settled, georef, result.metrics, result.failed_tiles)
-
-
-def _pending(cell: np.ndarray):
-    return cell[0, 0].pending
-
-
-def _node_settled(node: tuple, georef: Georeference | None) -> FeatureTable:
-    return _located(node[0], georef, node[2])
-
-
-def _node_pending(node: tuple):
-    return node[1]
+def merge_seams(children: list, grid: TileGrid, group: tuple[int, int, int, int], settings: RegionSettings,
+                georef: Georeference | None) -> Part:
+    """One node of the seam tree over its children's pending features: what it settles, geolocated, and the rest."""
+    settled, pending, metrics = merge_pending([part_of(child).pending for child in children], grid, group, settings)
+    return Part(_located(settled, georef, metrics), pending)
 
 
 def block_span(axis, offset: int, index: int) -> tuple[int, int]:
