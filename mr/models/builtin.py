@@ -89,14 +89,15 @@ class BuiltinDetector:
         intensity, valid = tile_intensity(tile, self.nodata)
         if valid is not None and not valid.any():
             return Detections.empty(CLASS_NAMES)
-        z = significance(intensity, valid, self.background_window, _noise_floor(tile))
-        return self._objects(z)
+        levels = local_levels(intensity, valid, self.background_window, _noise_floor(tile))
+        flat, value = beyond(intensity, valid, levels, self.grow_sigma)
+        return self._objects(flat, value, intensity.shape[1])
 
-    def _objects(self, z: np.ndarray) -> Detections:
-        """Threshold both polarities of the significance map, label components, filter them and build the table:
-        bright objects first, then dark, each in raster order of their first pixel."""
+    def _objects(self, flat: np.ndarray, value: np.ndarray, width: int) -> Detections:
+        """Label the components of the pixels beyond the growing threshold (both polarities), filter them and build
+        the table: bright objects first, then dark, each in raster order of their first pixel."""
         positive, area, mean, boxes = signed_components(
-            z, self.grow_sigma, self.threshold_sigma, self.min_area, self.max_area
+            flat, value, width, self.threshold_sigma, self.min_area, self.max_area
         )
         width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
         fill = area / (width * height)
@@ -179,25 +180,67 @@ def _noise_floor(tile: np.ndarray) -> float:
     return 0.3 / math.sqrt(tile.shape[0]) if tile.dtype.kind in "ui" else 1e-12
 
 
-def significance(intensity: np.ndarray, valid: np.ndarray | None, window: int, floor: float) -> np.ndarray:
-    """float32 (h, w) ``(intensity − background) / sigma``, both local, 0 at invalid pixels; reuses ``intensity``.
+_STRIP = 128
+"""Rows per strip of the full-resolution pass: a strip's arrays (0.5 MiB each for 1024-pixel rows) stay in the
+core's cache, where whole-tile arrays would go to memory and back at every step."""
+
+
+@dataclass(frozen=True)
+class LocalLevels:
+    """Background and noise of a tile at nodes ``spacing`` pixels apart (bilinear in between)."""
+
+    spacing: int
+    background: np.ndarray
+    """float32 (ny+1, nx+1) median intensity around each node."""
+    sigma: np.ndarray
+    """float32 (ny+1, nx+1) noise (1.4826 × median absolute residual, at least the noise floor) around each node."""
+
+
+def local_levels(intensity: np.ndarray, valid: np.ndarray | None, window: int, floor: float) -> LocalLevels:
+    """The tile's local background and noise.
 
     The background is the median over ``window``-pixel windows, sigma 1.4826 × the median absolute residual over
     windows twice as wide (steadier, and less swayed by a large object). Both are local, so a pixel's significance
     depends on its neighbourhood only, not on the rest of the tile: a tiled run agrees with an untiled one, and a
     quiet field next to a forest keeps its own, lower, noise level (a constant-false-alarm-rate detector).
     """
-    spacing, shape = window // 2, intensity.shape
+    spacing = window // 2
     cell = spacing // _FACTOR
     background = node_medians(_block_means(intensity, valid, spacing), cell, span=2)
-    residual = intensity
-    residual -= upsample_nodes(background, spacing, shape)
-    sigma = cell_median_nodes(_abs_samples(residual, valid, spacing), cell, span=4)
+    sigma = cell_median_nodes(_abs_samples(intensity, valid, background, spacing), cell, span=4)
     sigma = np.maximum(sigma * np.float32(_MAD_TO_SIGMA), np.float32(floor))
-    residual /= upsample_nodes(sigma, spacing, shape)
+    return LocalLevels(spacing, background, sigma)
+
+
+def significance_rows(intensity: np.ndarray, valid: np.ndarray | None, levels: LocalLevels, r0: int, r1: int
+                      ) -> np.ndarray:
+    """float32 ``(intensity − background) / sigma`` of rows ``r0:r1``, 0 at invalid pixels."""
+    shape = intensity.shape
+    z = intensity[r0:r1] - _upsample_rows(levels.background, levels.spacing, shape, r0, r1)
+    z /= _upsample_rows(levels.sigma, levels.spacing, shape, r0, r1)
     if valid is not None:
-        residual[~valid] = 0.0
-    return residual
+        z[~valid[r0:r1]] = 0.0
+    return z
+
+
+def significance(intensity: np.ndarray, valid: np.ndarray | None, window: int, floor: float) -> np.ndarray:
+    """float32 (h, w) significance map of a tile (see :func:`local_levels`), 0 at invalid pixels."""
+    levels = local_levels(intensity, valid, window, floor)
+    return significance_rows(intensity, valid, levels, 0, intensity.shape[0])
+
+
+def beyond(intensity: np.ndarray, valid: np.ndarray | None, levels: LocalLevels, grow: float
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted flat indices and significance of the pixels with ``|significance| > grow``, strip by strip: the
+    whole-tile map is never made."""
+    height, width = intensity.shape
+    flats, values = [], []
+    for r0 in range(0, height, _STRIP):
+        z = significance_rows(intensity, valid, levels, r0, min(r0 + _STRIP, height))
+        hit = np.flatnonzero(np.abs(z) > np.float32(grow))
+        flats.append(hit + r0 * width)
+        values.append(z.ravel()[hit])
+    return np.concatenate(flats), np.concatenate(values)
 
 
 def node_medians(grid: np.ndarray, cell: int, span: int) -> np.ndarray:
@@ -240,15 +283,23 @@ def _nan_median(values: np.ndarray) -> np.ndarray:
     return ((low + high) * np.float32(0.5))[..., 0]
 
 
-def _abs_samples(residual: np.ndarray, valid: np.ndarray | None, spacing: int) -> np.ndarray:
-    """|residual| at one pixel of every 4×4 block of the tile edge-padded to a multiple of ``spacing``, NaN where
-    invalid. Every 16th pixel is plenty for a median; the pixel's position within its block cycles through all 16
-    so that no periodic pattern (compression blocks, sensor striping) can alias into the noise estimate."""
-    padded = _pad_to(residual, spacing)
-    pick = np.ix_(_cycling_index(padded.shape[0], 1), _cycling_index(padded.shape[1], 3))
-    sample = np.abs(padded[pick])
+def _abs_samples(intensity: np.ndarray, valid: np.ndarray | None, background: np.ndarray, spacing: int
+                 ) -> np.ndarray:
+    """|intensity − background| at one pixel of every 4×4 block of the tile edge-padded to a multiple of
+    ``spacing``, NaN where invalid. Every 16th pixel is plenty for a median; the pixel's position within its block
+    cycles through all 16 so that no periodic pattern (compression blocks, sensor striping) can alias into the
+    noise estimate. Only the sampled pixels' background is interpolated (edge padding = clipping the index)."""
+    height, width = intensity.shape
+    rows = np.minimum(_cycling_index(height + -height % spacing, 1), height - 1)
+    cols = np.minimum(_cycling_index(width + -width % spacing, 3), width - 1)
+    index, weight = _lerp_index(spacing, height)
+    lower, upper = background[index[rows]], background[index[rows] + 1]
+    node_rows = lower + (upper - lower) * weight[rows][:, None]
+    left, right = node_rows[:, cols // spacing], node_rows[:, cols // spacing + 1]
+    level = left + (right - left) * _ramp(spacing)[cols % spacing]
+    sample = np.abs(intensity[np.ix_(rows, cols)] - level)
     if valid is not None:
-        sample[~_pad_to(valid, spacing)[pick]] = np.nan
+        sample[~valid[np.ix_(rows, cols)]] = np.nan
     return sample
 
 
@@ -298,19 +349,25 @@ def _fill_missing(levels: np.ndarray) -> np.ndarray:
 
 def upsample_nodes(levels: np.ndarray, spacing: int, shape: tuple[int, int]) -> np.ndarray:
     """float32 (h, w) bilinear interpolation of node values at (i·spacing, j·spacing) to pixel centres."""
+    return _upsample_rows(levels, spacing, shape, 0, shape[0])
+
+
+def _upsample_rows(levels: np.ndarray, spacing: int, shape: tuple[int, int], r0: int, r1: int) -> np.ndarray:
+    """Rows ``r0:r1`` of :func:`upsample_nodes`."""
     h, w = shape
-    rows = _lerp_axis0(levels, spacing, h)
+    rows = _lerp_axis0(levels, spacing, h, r0, r1)
     steps = np.diff(rows, axis=1)
     ramp = _ramp(spacing)
-    out = np.empty((h, steps.shape[1], spacing), np.float32)
+    out = np.empty((r1 - r0, steps.shape[1], spacing), np.float32)
     np.multiply(steps[:, :, None], ramp, out=out)
     out += rows[:, :-1, None]
-    return out.reshape(h, -1)[:, :w]
+    return out.reshape(r1 - r0, -1)[:, :w]
 
 
-def _lerp_axis0(levels: np.ndarray, spacing: int, n: int) -> np.ndarray:
-    """Rows of ``levels`` interpolated to the ``n`` pixel centres along axis 0."""
+def _lerp_axis0(levels: np.ndarray, spacing: int, n: int, r0: int = 0, r1: int | None = None) -> np.ndarray:
+    """Rows of ``levels`` interpolated to the pixel centres ``r0:r1`` of ``n`` along axis 0."""
     index, weight = _lerp_index(spacing, n)
+    index, weight = index[r0:r1], weight[r0:r1]
     return levels[index] + (levels[index + 1] - levels[index]) * weight[:, None]
 
 
@@ -335,19 +392,18 @@ def _frozen(a: np.ndarray) -> np.ndarray:
 
 
 def signed_components(
-    z: np.ndarray, grow: float, seed: float, min_area: int, max_area: int
+    flat: np.ndarray, value: np.ndarray, width: int, seed: float, min_area: int, max_area: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Polarity (True: bright), area, mean ``|z|`` and (x0, y0, x1, y1) box of each 4-connected component of pixels
-    with ``z > grow`` or of pixels with ``z < −grow`` that holds a ``|z|`` of at least ``seed`` and has ``min_area``
-    to ``max_area`` pixels; components in raster order of their first pixel.
+    """Polarity (True: bright), area, mean ``|value|`` and (x0, y0, x1, y1) box of each 4-connected component of
+    the selected pixels (sorted flat indices ``flat`` of a ``width``-wide image, with their signed ``value``) whose
+    members share a sign, that holds a ``|value|`` of at least ``seed`` and has ``min_area`` to ``max_area``
+    pixels; components in raster order of their first pixel.
 
-    Works on the flat indices of the pixels beyond ``grow`` only (a few percent of the tile): both polarities are
-    labelled in one pass over that sparse set, and boxes are computed only for the components that survive.
+    Works on the selected pixels only (a few percent of the tile): both polarities are labelled in one pass over
+    that sparse set, and boxes are computed only for the components that survive.
     """
-    flat = np.flatnonzero(np.abs(z) > np.float32(grow))
-    value = z.ravel()[flat]
     positive = value > 0
-    label, n = four_connected(flat, positive, z.shape[1])
+    label, n = four_connected(flat, positive, width)
     magnitude = np.abs(value)
     area = np.bincount(label, minlength=n)
     keep = np.zeros(n, bool)
@@ -360,7 +416,7 @@ def signed_components(
     mean = np.bincount(label, weights=magnitude, minlength=count) / area[keep]
     bright = np.zeros(count, bool)
     bright[label] = positive[survivor]
-    y, x = np.divmod(flat, z.shape[1])
+    y, x = np.divmod(flat, width)
     boxes = np.empty((count, 4), np.float64)
     boxes[:, :2] = np.inf
     boxes[:, 2:] = -np.inf
