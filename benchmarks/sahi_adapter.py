@@ -41,11 +41,13 @@ def sahi_model(detector=None, confidence_threshold: float = 0.3):
     from sahi.models.base import DetectionModel
     from sahi.prediction import ObjectPrediction
 
-    from mr.models.builtin import CLASS_NAMES, BuiltinDetector
+    from mr.models.builtin import CLASS_NAMES, BuiltinDetector, warm_tile
 
     class MrDetectionModel(DetectionModel):
         def load_model(self) -> None:
-            self.set_model(BuiltinDetector())
+            detector = BuiltinDetector()
+            detector.detect(warm_tile())  # its imports and first calls, as mr's workers preload
+            self.set_model(detector)
 
         def set_model(self, model, **kwargs) -> None:
             self.model = model
