@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
+from functools import cached_property
 
 import numpy as np
 
@@ -68,14 +69,15 @@ class AxisGrid:
     def stride(self) -> int:
         return self.tile - self.overlap
 
-    @property
+    @cached_property
     def tile_starts(self) -> np.ndarray:
-        return np.arange(self.count, dtype=np.int64) * self.stride
+        """Tile starts (read-only: computed once, looked up for every tile)."""
+        return _read_only(np.arange(self.count, dtype=np.int64) * self.stride)
 
-    @property
+    @cached_property
     def tile_ends(self) -> np.ndarray:
-        """Tile ends, the last truncated to the window for the fixed strategy."""
-        return np.minimum(self.tile_starts + self.tile, self.length)
+        """Tile ends, the last truncated to the window for the fixed strategy (read-only)."""
+        return _read_only(np.minimum(self.tile_starts + self.tile, self.length))
 
     @property
     def covered(self) -> int:
@@ -111,6 +113,11 @@ class AxisGrid:
     def tiles_of_region(self, region: int) -> range:
         first = region * self.tiles_per_region
         return range(first, min(first + self.tiles_per_region, self.count))
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
 
 
 def axis_grid(length: int, tile: int, overlap: int, region: int, strategy: TilingStrategy, axis: str) -> AxisGrid:
