@@ -9,8 +9,13 @@ posting the pipeline's own tiles pre-encoded with ``mr.encoding.encode_tile`` (f
 default, as OSML ModelRunner sends tiles; ``--tile-format GTIFF`` is cheaper for the server to decode). Runs
 alternate (load generator, pipeline) and the best of ``--repeats`` of each is kept. Goal: ratio ≥ 0.9.
 
+The scene is deflate-compressed: the pipeline decodes it (as far as its workers' 32 MiB GDAL caches do not already
+hold it from the run before), which the load generator never does, and on a small machine that CPU is taken from
+the server. ``--uncompressed`` reads an uncompressed copy instead, to see the pipeline's endpoint machinery alone.
+
   python -m benchmarks.bench_endpoint [--size 6000] [--concurrency 4 8] [--workers 2] [--repeats 3]
                                       [--tile-format NITF|GTIFF] [--server-model null|builtin] [--server-nodelay]
+                                      [--uncompressed]
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import rasterio
 from rasterio.windows import Window
 
 import mr
-from benchmarks.common import row, scene_file
+from benchmarks.common import row, scene_file, uncompressed_copy
 from mr.encoding import content_type, encode_tile
 from mr.models.endpoint import HttpEndpointModel
 
@@ -156,18 +161,20 @@ def main() -> None:
     parser.add_argument("--tile-format", default="NITF", choices=["NITF", "GTIFF"], help="as OSML's tileFormat")
     parser.add_argument("--server-model", default="null")
     parser.add_argument("--server-nodelay", action="store_true", help="TCP_NODELAY on the server (see start_server)")
+    parser.add_argument("--uncompressed", action="store_true", help="read an uncompressed copy of the scene")
     args = parser.parse_args()
     from mr.cluster import get_client
 
-    path = scene_file(args.size)
+    path = uncompressed_copy(scene_file(args.size)) if args.uncompressed else scene_file(args.size)
     fmt = args.tile_format
     payloads = encoded_tiles(path, fmt)
     tiles = len(payloads)
     server, url = start_server(args.server_model, args.server_nodelay)
     server_process = psutil.Process(server.pid)
     nodelay = " + TCP_NODELAY" if args.server_nodelay else ""
-    lines = [f"    {tiles} tiles of {TILE}² (overlap {OVERLAP}) from {args.size}², {fmt} {len(payloads[0])} bytes"
-             f" each; server model {args.server_model!r}{nodelay}, "
+    source = "uncompressed" if args.uncompressed else "deflate"
+    lines = [f"    {tiles} tiles of {TILE}² (overlap {OVERLAP}) from {args.size}² ({source}), {fmt}"
+             f" {len(payloads[0])} bytes each; server model {args.server_model!r}{nodelay}, "
              f"{args.workers} workers × {args.threads_per_worker} thread"]
     try:
         with get_client(n_workers=args.workers, threads_per_worker=args.threads_per_worker) as client:

@@ -28,6 +28,22 @@ def scene_file(size: int, *, seed: int = 3, objects_per_mpx: float = 2.0) -> Pat
     return path
 
 
+def uncompressed_copy(path: Path) -> Path:
+    """``path`` rewritten as an uncompressed tiled GeoTIFF beside it (cached): reading it costs no decode."""
+    import rasterio
+
+    out = path.with_name(path.stem + "-raw.tif")
+    if not out.exists():
+        partial = out.with_suffix(".partial.tif")
+        with rasterio.open(path) as src:
+            profile = {**src.profile, "compress": None}
+            with rasterio.open(partial, "w", **profile) as dst:
+                for _, window in src.block_windows(1):
+                    dst.write(src.read(window=window), window=window)
+        partial.rename(out)
+    return out
+
+
 class NullModel:
     """A model that finds nothing: what is left is the pipeline's own cost."""
 
