@@ -161,12 +161,13 @@ def main() -> None:
         row("speed mr ÷ SAHI", f"{speed:.2f}×", "≥ 2×", speed >= 2),
         f"    mr   {ours['seconds']:.1f} s ({mpx / ours['seconds']:.0f} MP/s, {ours['tiles']} tiles; "
         f"cluster start {ours['startup']:.1f} s not counted)",
-        f"    SAHI {theirs['seconds']:.1f} s ({mpx / theirs['seconds']:.0f} MP/s; rasterio read {theirs['read']:.1f} s, "
-        f"slice {theirs['slice']:.1f} s, predict {theirs['prediction']:.1f} s, merge {theirs['postprocess']:.2f} s)",
+        f"    SAHI {theirs['seconds']:.1f} s ({mpx / theirs['seconds']:.0f} MP/s; "
+        f"rasterio read {theirs['read']:.1f} s, slice {theirs['slice']:.1f} s, predict {theirs['prediction']:.1f} s, merge {theirs['postprocess']:.2f} s)",
         row("peak RSS of all mr processes", f"{ours['peak'] / mib:.0f} MiB", "≤ 1 GB", ours["peak"] <= 1e9),
         f"    SAHI peak RSS {theirs['peak'] / mib:.0f} MiB",
         f"    detections: mr {ours['n']}, SAHI {theirs['n']}",
-        f"    mr vs SAHI (IoU ≥ 0.5): {agree.recall:.3f} of SAHI's found by mr, {agree.precision:.3f} of mr's in SAHI's",
+        f"    mr vs SAHI (IoU ≥ 0.5): {agree.recall:.3f} of SAHI's found by mr, "
+        f"{agree.precision:.3f} of mr's in SAHI's",
         f"    duplicate pairs (IoS > 0.5, any class): mr {duplicate_pairs(ours['boxes'])}, "
         f"SAHI {duplicate_pairs(theirs['boxes'])}",
         f"    vs planted truth (IoU ≥ 0.5): mr recall {ours_truth.recall:.3f} precision {ours_truth.precision:.3f}; "
