@@ -162,7 +162,8 @@ def main() -> None:
         f"    mr   {ours['seconds']:.1f} s ({mpx / ours['seconds']:.0f} MP/s, {ours['tiles']} tiles; "
         f"cluster start {ours['startup']:.1f} s not counted)",
         f"    SAHI {theirs['seconds']:.1f} s ({mpx / theirs['seconds']:.0f} MP/s; "
-        f"rasterio read {theirs['read']:.1f} s, slice {theirs['slice']:.1f} s, predict {theirs['prediction']:.1f} s, merge {theirs['postprocess']:.2f} s)",
+        f"rasterio read {theirs['read']:.1f} s, slice {theirs['slice']:.1f} s, "
+        f"predict {theirs['prediction']:.1f} s, merge {theirs['postprocess']:.2f} s)",
         row("peak RSS of all mr processes", f"{ours['peak'] / mib:.0f} MiB", "≤ 1 GB", ours["peak"] <= 1e9),
         f"    SAHI peak RSS {theirs['peak'] / mib:.0f} MiB",
         f"    detections: mr {ours['n']}, SAHI {theirs['n']}",
