@@ -35,8 +35,9 @@ def run(name: str) -> tuple[int, list[str]]:
     figures = []
     for line in process.stdout:
         print(line, end="", flush=True)
-        if VERDICT.match(line.rstrip("\n")) or (name == "merge" and "best/goal" in line):
-            figures.append(f"{name:9s} {line.strip()}")
+        figure = f"{name:9s} {line.strip()}"
+        if (VERDICT.match(line.rstrip("\n")) or (name == "merge" and "best/goal" in line)) and figure not in figures:
+            figures.append(figure)  # once: some benchmarks print their figures as they go and again at the end
     return process.wait(), figures
 
 
