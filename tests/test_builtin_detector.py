@@ -93,6 +93,33 @@ def test_odd_tile_sizes_and_tiles_smaller_than_the_window() -> None:
     assert found.boxes.tolist() == [[8.0, 5.0, 16.0, 12.0]]
 
 
+@pytest.mark.parametrize("height", [300, 1000])  # strips of 128 rows: a short last strip, and several
+@pytest.mark.parametrize("nodata", [None, 0])
+def test_strip_by_strip_threshold_matches_the_whole_significance_map(height: int, nodata: float | None) -> None:
+    """The detector never makes the whole map; what it keeps must be exactly what the map holds beyond the threshold,
+    and its components exactly those of a full-size labelling of each polarity."""
+    from scipy import ndimage
+
+    from mr.models.builtin import _noise_floor, beyond, local_levels, significance, signed_components, tile_intensity
+
+    image, _ = scene(1000, height, bands=3, seed=7)
+    tile = image.copy()
+    tile[:, :40, :] = 0  # a nodata collar where nodata is 0
+    intensity, valid = tile_intensity(tile, nodata)
+    z = significance(intensity, valid, 64, _noise_floor(tile))
+    flat, value = beyond(intensity, valid, local_levels(intensity, valid, 64, _noise_floor(tile)), 2.5)
+    expected = np.flatnonzero(np.abs(z) > np.float32(2.5))
+    assert np.array_equal(flat, expected) and np.array_equal(value, z.ravel()[expected])
+    positive, area, _, boxes = signed_components(flat, value, z.shape[1], 4.0, 1, 10**9)
+    for polarity, mask in ((True, z > 2.5), (False, z < -2.5)):
+        labels, n = ndimage.label(mask)  # 4-connected
+        seeded = [i for i, found in enumerate(ndimage.find_objects(labels))
+                  if np.abs(z[found][labels[found] == i + 1]).max() >= 4.0]
+        want = [[s[1].start, s[0].start, s[1].stop, s[0].stop] for s in ndimage.find_objects(labels)]
+        assert boxes[positive == polarity].tolist() == [want[i] for i in seeded]
+        assert area[positive == polarity].tolist() == [int((labels == i + 1).sum()) for i in seeded]
+
+
 def test_a_crop_finds_what_the_whole_image_finds_in_its_interior() -> None:
     image, _ = scene(seed=14, n_objects=150)
     whole = detect(image)

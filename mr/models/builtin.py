@@ -97,9 +97,9 @@ class BuiltinDetector:
         positive, area, mean, boxes = signed_components(
             flat, value, width, self.threshold_sigma, self.min_area, self.max_area
         )
-        width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-        fill = area / (width * height)
-        aspect = np.maximum(width, height) / np.minimum(width, height)
+        box_width, box_height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        fill = area / (box_width * box_height)
+        aspect = np.maximum(box_width, box_height) / np.minimum(box_width, box_height)
         keep = (fill >= self.min_fill) & (aspect <= self.max_aspect)
         rows = np.concatenate([np.flatnonzero(keep & positive), np.flatnonzero(keep & ~positive)])
         if not len(rows):
@@ -354,13 +354,9 @@ def _fill_missing(levels: np.ndarray) -> np.ndarray:
     return levels[tuple(index)]
 
 
-def upsample_nodes(levels: np.ndarray, spacing: int, shape: tuple[int, int]) -> np.ndarray:
-    """float32 (h, w) bilinear interpolation of node values at (i·spacing, j·spacing) to pixel centres."""
-    return _upsample_rows(levels, spacing, shape, 0, shape[0])
-
-
 def _upsample_rows(levels: np.ndarray, spacing: int, shape: tuple[int, int], r0: int, r1: int) -> np.ndarray:
-    """Rows ``r0:r1`` of :func:`upsample_nodes`."""
+    """float32 rows ``r0:r1`` of the bilinear interpolation to an image of ``shape`` of node values at
+    (i·spacing, j·spacing), at pixel centres."""
     h, w = shape
     rows = _lerp_axis0(levels, spacing, h, r0, r1)
     steps = np.diff(rows, axis=1)
