@@ -100,7 +100,7 @@ def test_strip_by_strip_threshold_matches_the_whole_significance_map(height: int
     and its components exactly those of a full-size labelling of each polarity."""
     from scipy import ndimage
 
-    from mr.models.builtin import _noise_floor, beyond, local_levels, significance, signed_components, tile_intensity
+    from mr.models.builtin import _noise_floor, beyond, local_levels, signed_components, significance, tile_intensity
 
     image, _ = scene(1000, height, bands=3, seed=7)
     tile = image.copy()

@@ -27,6 +27,8 @@ from hypothesis import strategies as st
 from mr.listen import REJECTED_TEXT_CHARS
 from mr.request import MAX_BODY_BYTES, MAX_TILE_SIZE
 from mr.synthetic import write_scene
+from tests.messages import DROP
+from tests.messages import put as put_field
 
 MESSAGES = int(os.environ.get("MR_HOSTILE_MESSAGES", "10000"))
 PER_EXAMPLE = 8  # messages drawn per hypothesis example: generation costs ~1 ms per example, not per message
@@ -109,18 +111,7 @@ def template(image: Path, out: Path) -> dict:
 
 def put(message: dict, path: str, value: object) -> None:
     """Set (or, with value DROP, remove) ``a.0.b`` in a message."""
-    *parents, last = path.split(".")
-    node = message
-    for key in parents:
-        node = node[int(key)] if isinstance(node, list) else node[key]
-    key = int(last) if isinstance(node, list) else last
-    if value is DROP:
-        del node[key]
-    else:
-        node[key] = value
-
-
-DROP = object()
+    put_field(message, path.split("."), value)
 
 
 def top(path: str) -> frozenset:

@@ -106,9 +106,9 @@ def test_pipeline_measures_each_operation_where_it_runs(scene, client, tmp_path)
 
 
 def test_task_names_read_as_the_pipeline(scene, client):
-    import mr
-
     from dask.utils import key_split
+
+    import mr
 
     result = mr.detect(scene, "builtin", tile_size=256, overlap=32, region_size=512)
     assert {key_split(key) for key in result.built.graph} == {"read-infer-region", "merge-seams"}  # one task each

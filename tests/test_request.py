@@ -30,6 +30,7 @@ from mr.request import (
     TileCompression,
     TileFormat,
 )
+from tests.messages import DROP, put
 
 ROLE = "arn:aws:iam::012345678910:role/ModelRunner"
 FULL = {
@@ -72,19 +73,9 @@ def with_changes(message: dict, **changes) -> dict:
     """A deep copy of message with changes: a path like outputs__1__bucket → a new value, or DROP to remove it."""
     result = copy.deepcopy(message)
     for path, value in changes.items():
-        *parents, last = path.split("__")
-        node = result
-        for key in parents:
-            node = node[int(key)] if isinstance(node, list) else node[key]
-        last = int(last) if isinstance(node, list) else last
-        if value is DROP:
-            del node[last]
-        else:
-            node[last] = value
+        put(result, path.split("__"), value)
     return result
 
-
-DROP = object()
 
 
 def test_full_message_round_trips():
