@@ -109,15 +109,9 @@ class DetectionResult:
 
     def compute_table(self, **kwargs: Any) -> FeatureTable:
         """The features as a columnar `FeatureTable` (what sinks write from)."""
-        import dask
+        from mr.run import compute_table
 
-        client = _active_client() if "scheduler" not in kwargs else None
-        if client is not None:  # the parts' own keys: no finalize task per part
-            from mr.run import compute_table
-
-            return compute_table(self, client)
-        parts = dask.compute(*[_Part(self, key) for key in self.built.part_keys], **kwargs)
-        return FeatureTable.concat(parts)
+        return compute_table(self, _active_client() if "scheduler" not in kwargs else None, **kwargs)
 
     to_geodataframe = compute
 

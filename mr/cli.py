@@ -213,9 +213,9 @@ def command_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    import distributed  # noqa: F401  (configures its loggers on import; quiet them afterwards)
+    from mr.logs import quiet_libraries
 
-    logging.getLogger("distributed").setLevel(logging.WARNING)
+    quiet_libraries()
     args = build_parser().parse_args(argv)
     from mr import config
 

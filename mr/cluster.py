@@ -5,14 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from distributed.diagnostics.plugin import WorkerPlugin
+
 from mr import config
 
 log = logging.getLogger(__name__)
-
-try:
-    from distributed.diagnostics.plugin import WorkerPlugin
-except ImportError:  # pragma: no cover - distributed is a dependency
-    WorkerPlugin = object  # type: ignore[assignment,misc]
 
 
 def get_client(address: str | None = None, n_workers: int | None = None, **local: Any):
@@ -76,8 +73,8 @@ def worker_environment():
     built-in detector's time. ``mr.cluster.worker-environ`` keeps arrays up to 32 MiB in the heap and trims it
     above 128 MiB instead (measured: 16.5 → 11.6 ms per 1024² tile; peak memory checked by bench_memory).
 
-    ``mr.cluster.local-dask-config`` (distributed settings, dotted keys) is in force too: the nannies hand the
-    configuration to their workers, and the scheduler reads it as it starts.
+    ``mr.cluster.local-dask-config`` (distributed settings, laid out as distributed's own) is in force too: the
+    nannies hand the configuration to their workers, and the scheduler reads it as it starts.
     """
     import dask
 
@@ -113,11 +110,10 @@ class WorkerLogging(WorkerPlugin):
         self.fmt, self.level = fmt, level
 
     def setup(self, worker) -> None:
-        from mr.logs import configure_logging
+        from mr.logs import configure_logging, quiet_libraries
 
         configure_logging(self.fmt, self.level)
-        for noisy in ("distributed", "bokeh", "tornado"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+        quiet_libraries()
 
 
 def log_like_client(client, fmt: str, level: str | int = "INFO") -> None:

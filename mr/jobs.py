@@ -60,6 +60,7 @@ def compute_with_keepalive(
     futures = submit_parts(result, client)
     part_of = dict(zip(futures, result.built.part_keys))
     pending = set(futures)
+    tables: dict = {}
     next_keepalive = time.monotonic() + interval
     try:
         while pending:
@@ -75,16 +76,15 @@ def compute_with_keepalive(
             for future in [f for f in pending if f.done()]:
                 pending.discard(future)
                 key = part_of[future]
-                if future.status == "error":  # one region failed: the job fails, stop the others' work now
+                if future.status != "finished":  # a part failed: the job fails, stop the others' work now
                     client.cancel(list(pending))
                     future.result()
-                if future.status == "finished":
-                    part = settled_table(future.result())
-                    on_part(part)
-                    if _is_region(key):
-                        on_region(int(key[1]), int(key[2]), part)
+                part = tables[key] = settled_table(future.result())  # fetched once, as it finishes
+                on_part(part)
+                if _is_region(key):
+                    on_region(int(key[1]), int(key[2]), part)
         with metrics.timed(Operation.FEATURE_AGGREGATION, invocations=len(futures)):
-            return FeatureTable.concat([settled_table(part) for part in client.gather(futures)])
+            return FeatureTable.concat([tables[key] for key in result.built.part_keys])
     finally:
         if stop.is_set():
             client.cancel(futures)

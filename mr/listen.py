@@ -431,15 +431,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config.load_file(args.config)
     from mr.cluster import get_client, log_like_client
-    from mr.logs import configure_logging, resolve_format
+    from mr.logs import configure_logging, quiet_libraries, resolve_format
 
     settings = resolve_service(args.queue, args.store, args.notices, args.data_dir, args.max_in_flight)
     log_format = resolve_format(args.log_format, embedded=settings.queue.startswith("sqlite:"))
     level = str(config.get("observability.log-level") or "INFO").upper()
     configure_logging(log_format, level)
-    import distributed  # noqa: F401  (configures its loggers on import; quiet them afterwards)
-
-    logging.getLogger("distributed").setLevel(logging.WARNING)
+    quiet_libraries()
     address = args.metrics_address if args.metrics_address is not None else config.get("observability.metrics-address")
     with get_client(args.scheduler, args.workers) as client:
         log_like_client(client, log_format, level)

@@ -112,6 +112,15 @@ def resolve_format(fmt: str | None, embedded: bool = True) -> str:
     return fmt
 
 
+def quiet_libraries() -> None:
+    """Keep the cluster's own chatter (distributed, bokeh, tornado) to warnings; distributed sets its loggers up when
+    first imported, so it is imported here first."""
+    import distributed  # noqa: F401
+
+    for noisy in ("distributed", "bokeh", "tornado"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def configure_logging(fmt: str = "text", level: str | int = "INFO", stream=None) -> logging.Handler:
     """Send the root logger's records to ``stream`` (stderr) in ``fmt``, replacing handlers set before."""
     handler = logging.StreamHandler(stream or sys.stderr)

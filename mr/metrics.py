@@ -130,9 +130,7 @@ class Metrics:
             return self
         with self._lock:
             for key, stats in other.stats.items():
-                mine = self.stats.setdefault(key, OperationStats())
-                mine.add(OperationStats(stats.invocations, stats.errors, stats.throttles, stats.retries,
-                                        list(stats.durations)))
+                self.stats.setdefault(key, OperationStats()).add(stats)  # add copies: ``other`` is left as it was
         return self
 
     @staticmethod

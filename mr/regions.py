@@ -267,7 +267,7 @@ def process_region(
 
 def merge_pending(
     parts: list[Detections], grid: TileGrid, group: tuple[int, int, int, int], settings: RegionSettings
-) -> tuple[Detections, Detections]:
+) -> tuple[Detections, Detections, Metrics]:
     """One node of the seam tree: de-duplicate what neighbouring regions left pending, settle what now can.
 
     Returns (settled, pending, metrics): the merge is measured as FeatureSelection.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mr.api import DetectionResult, _Part
 from mr.features import FeatureTable
@@ -50,18 +51,19 @@ def submit_parts(result: DetectionResult, client) -> list:
     return client.get(result.built.graph, list(result.built.part_keys), sync=False)
 
 
-def compute_table(result: DetectionResult, client=None, progress: bool = False) -> FeatureTable:
-    """Compute every settled part on the client's cluster (or the default scheduler) and concatenate them."""
-    parts = [_Part(result, key) for key in result.built.part_keys]
+def compute_table(result: DetectionResult, client=None, progress: bool = False, **compute: Any) -> FeatureTable:
+    """Compute every settled part on the client's cluster (or with ``dask.compute(**compute)``) and concatenate
+    them."""
     if client is None:
         import dask
 
+        parts = [_Part(result, key) for key in result.built.part_keys]
         if progress:
             from dask.diagnostics import ProgressBar
 
             with ProgressBar():
-                return FeatureTable.concat(dask.compute(*parts))
-        return FeatureTable.concat(dask.compute(*parts))
+                return FeatureTable.concat(dask.compute(*parts, **compute))
+        return FeatureTable.concat(dask.compute(*parts, **compute))
     futures = submit_parts(result, client)
     if progress:
         from distributed import progress as show_progress

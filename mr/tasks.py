@@ -130,9 +130,9 @@ def _block_then(block: np.ndarray, kernel, job, block_info: dict | None = None):
     return kernel(lambda: block, job, ry, rx)
 
 
-def _located(settled: Detections, georef: Georeference | None, measured: Metrics, failed: tuple = ()) -> FeatureTable:
-    """Settled rows geolocated (measured as FeatureRefinement), carrying the metrics of the work that found them."""
-    metrics = Metrics().merge(measured)
+def _located(settled: Detections, georef: Georeference | None, metrics: Metrics, failed: tuple = ()) -> FeatureTable:
+    """Settled rows geolocated (timed into ``metrics`` as FeatureRefinement), carrying the metrics of the work that
+    found them."""
     with metrics.timed(Operation.FEATURE_REFINEMENT):
         table = geolocate(settled, georef)
     return dataclasses.replace(table, failed_tiles=failed, metrics=metrics)

@@ -55,9 +55,9 @@ MAX_THREADS = 32
 SAGEMAKER_PARAMETERS = frozenset({"TargetVariant", "TargetModel", "CustomAttributes", "ContentType", "Accept",
                                   "InferenceId", "TargetContainerHostname", "InferenceComponentName"})
 _RETRY_STATUS = frozenset({408, 429})
-_THROTTLING_CODES = frozenset({"ThrottlingException", "Throttling", "TooManyRequestsException",
-                               "ServiceUnavailable", "InternalFailure", "ModelNotReadyException"})
 _THROTTLED_CODES = frozenset({"ThrottlingException", "Throttling", "TooManyRequestsException"})
+_THROTTLING_CODES = _THROTTLED_CODES | {"ServiceUnavailable", "InternalFailure", "ModelNotReadyException"}
+"""Error codes worth retrying: throttles, and an endpoint that is not ready or failed inside."""
 
 
 class _EndpointModel:
