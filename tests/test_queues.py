@@ -154,7 +154,7 @@ def test_receive_arguments_are_checked(make_queue):
 
 
 def test_queues_pickle_to_their_constructor_arguments(make_queue):
-    queue = make_queue()
+    queue = make_queue(visibility_timeout=30)  # a lease that cannot run out between receive and delete on a busy box
     queue.send("before")
     clone = pickle.loads(pickle.dumps(queue))  # after use: open handles are not pickled
     assert type(clone) is type(queue) and clone.visibility_timeout == queue.visibility_timeout
