@@ -79,7 +79,7 @@ def machine_ceiling(rounds: int, tiles: int) -> dict:
 def timed_run(path, client, model, region_size: int) -> dict:
     import mr
     from mr.features import FeatureTable
-    from mr.run import submit_parts
+    from mr.run import gather_parts, submit_parts
     from mr.tasks import settled_table
 
     result = mr.detect(mr.open_image(path), model, tile_size=1024, overlap=50, region_size=region_size)
@@ -91,7 +91,7 @@ def timed_run(path, client, model, region_size: int) -> dict:
         started = time.perf_counter()
         futures = submit_parts(result, client)
         submitted = time.perf_counter()
-        table = FeatureTable.concat([settled_table(part) for part in client.gather(futures)])
+        table = FeatureTable.concat([settled_table(part) for part in gather_parts(result, futures)])
         wall = time.perf_counter() - started
     compute, gaps = 0.0, 0.0
     by_worker: dict[str, list[tuple[float, float]]] = {}

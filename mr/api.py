@@ -167,7 +167,7 @@ def _rebuild(graph, result: DetectionResult, rename=None) -> DetectionResult:
 
     if not isinstance(graph, HighLevelGraph):
         graph = HighLevelGraph.from_collections(result.built.name, dict(graph), dependencies=())
-    built = DetectionGraph(graph, result.built.part_keys, result.built.name)
+    built = DetectionGraph(graph, result.built.part_keys, result.built.name, result.built.root)
     return DetectionResult(built, result.plan, result.georeference, result.metadata)
 
 

@@ -2,7 +2,9 @@
 
 Task names say what each step is on the dashboard: ``read-infer-region`` (one task reads a region's window, runs
 its tiles and geolocates what it settles, so pixels never travel between workers) and ``merge-seams`` (one node of
-the tree). Every task leaves a `mr.tasks.Part`; the parts' settled tables together are the result.
+the tree). Every task leaves a `mr.tasks.Part`; the parts' settled tables together are the result. The tree's
+root is a task too (so ``dask.compute`` of the graph is the whole result), but a distributed run merges it where
+the parts are collected instead (`DetectionGraph.root`, `mr.run`).
 
 This is the only module that builds dask graphs. It reads no pixels and computes nothing; task keys are
 deterministic (``tokenize`` of the inputs), so the same request always gives the same graph.
@@ -38,6 +40,11 @@ class DetectionGraph:
     graph: HighLevelGraph
     part_keys: tuple
     name: str
+    root: tuple | None = None
+    """The seam tree's root node as (its key, its children's keys, merge_seams' other arguments); None for a
+    single region. `mr.run` merges it where the parts are collected instead of on a worker: its inputs are the
+    last parts to arrive and its output goes straight to the caller, which saves a dispatch to a worker, a transfer
+    between workers and a fetch at the end of every job (~10 ms; 3% of a half-second job)."""
 
 
 def overlap_depth(grid: TileGrid) -> dict[int, tuple[int, int]]:
@@ -131,7 +138,7 @@ def build_detection_graph(
     parts: list = [(results.name, ry, rx) for ry in range(ny) for rx in range(nx)]
     layers: dict = {}
     deps: dict = {}
-    below = results.name
+    below, root = results.name, None
     for level, nodes in seam_tree_groups((ny, nx), split_every):
         merge = f"merge-seams-{level}-{token}"
         layers[merge] = {}
@@ -139,13 +146,14 @@ def build_detection_graph(
             child_keys = [(below, cy, cx) for cy, cx in children]
             layers[merge][(merge, py, px)] = (merge_seams, child_keys, grid, group, settings, georef)
             parts.append((merge, py, px))
+            root = ((merge, py, px), tuple(child_keys), (grid, group, settings, georef))
         deps[merge] = {below}
         below = merge
     graph = HighLevelGraph(
         {**results.__dask_graph__().layers, **layers},
         {**results.__dask_graph__().dependencies, **deps},
     )
-    return DetectionGraph(graph, tuple(parts), f"detect-{token}")
+    return DetectionGraph(graph, tuple(parts), f"detect-{token}", root)
 
 
 def overlapped_blocks(image, grid: TileGrid) -> da.Array:

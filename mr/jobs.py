@@ -23,7 +23,7 @@ from mr.imagery import open_image
 from mr.limits import require_georeference
 from mr.logs import log_context
 from mr.metrics import Metrics, Operation
-from mr.run import submit_parts
+from mr.run import merge_root, submit_parts
 from mr.tasks import settled_table
 
 
@@ -58,9 +58,10 @@ def compute_with_keepalive(
     from distributed import wait
 
     futures = submit_parts(result, client)
-    part_of = dict(zip(futures, result.built.part_keys))
     pending = set(futures)
     tables: dict = {}
+    root_children = set(result.built.root[1]) if result.built.root is not None else set()
+    children: dict = {}  # the root's children, kept whole: their pending features are the root's input
     next_keepalive = time.monotonic() + interval
     try:
         while pending:
@@ -75,15 +76,21 @@ def compute_with_keepalive(
                 raise Interrupted("stopping: the request is left to be delivered again")
             for future in [f for f in pending if f.done()]:
                 pending.discard(future)
-                key = part_of[future]
+                key = future.key
                 if future.status != "finished":  # a part failed: the job fails, stop the others' work now
                     client.cancel(list(pending))
                     future.result()
-                part = tables[key] = settled_table(future.result())  # fetched once, as it finishes
+                whole = future.result()  # fetched once, as it finishes
+                if key in root_children:
+                    children[key] = whole
+                part = tables[key] = settled_table(whole)
                 on_part(part)
                 if _is_region(key):
                     on_region(int(key[1]), int(key[2]), part)
-        with metrics.timed(Operation.FEATURE_AGGREGATION, invocations=len(futures)):
+        for key, whole in merge_root(result, children).items():
+            part = tables[key] = settled_table(whole)
+            on_part(part)
+        with metrics.timed(Operation.FEATURE_AGGREGATION, invocations=len(tables)):
             return FeatureTable.concat([tables[key] for key in result.built.part_keys])
     finally:
         if stop.is_set():

@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from mr.api import DetectionResult, _Part
 from mr.features import FeatureTable
 from mr.output import write_features
-from mr.tasks import settled_table
+from mr.tasks import merge_seams, settled_table
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,50 @@ class RunSummary:
         )
 
 
+def cluster_keys(result: DetectionResult) -> list:
+    """The part keys a cluster computes: all but the seam tree's root, which `merge_root` merges where the parts
+    are collected (see `mr.graph.DetectionGraph.root`)."""
+    root = result.built.root
+    return [key for key in result.built.part_keys if root is None or key != root[0]]
+
+
 def submit_parts(result: DetectionResult, client) -> list:
-    """Futures of the result's settled parts on ``client``'s cluster, one per part key, in part order.
+    """Futures of `cluster_keys` on ``client``'s cluster, in that order (each future's ``key`` is its part's).
 
     The graph goes in as it is, with its keys as outputs: ``client.compute`` on one collection per part would add a
     finalize task per part (a scheduler round trip each on the worker that runs it, between region tasks)."""
-    return client.get(result.built.graph, list(result.built.part_keys), sync=False)
+    return client.get(result.built.graph, cluster_keys(result), sync=False)
+
+
+def merge_root(result: DetectionResult, parts: Mapping) -> dict:
+    """The seam tree's root part merged here from its children in ``parts`` (part key → `mr.tasks.Part`), as
+    {root key: Part}; {} when there is no seam tree."""
+    if result.built.root is None:
+        return {}
+    key, children, arguments = result.built.root
+    return {key: merge_seams([parts[child] for child in children], *arguments)}
+
+
+def gather_parts(result: DetectionResult, futures: list) -> list:
+    """Every part of ``result`` in part order, from `submit_parts`' futures: each fetched as it finishes (so only
+    the last one is fetched after the last task), then the root merged here."""
+    from distributed import as_completed
+
+    parts = {future.key: part for future, part in as_completed(futures, with_results=True)}
+    parts.update(merge_root(result, parts))
+    return [parts[key] for key in result.built.part_keys]
+
+
+def collect_parts(result: DetectionResult, client, progress: bool = False) -> list:
+    """Submit ``result`` to ``client``'s cluster and gather every part (see `gather_parts`), showing distributed's
+    progress bar if asked."""
+    futures = submit_parts(result, client)
+    if progress:
+        from distributed import progress as show_progress
+
+        show_progress(futures)
+        print()
+    return gather_parts(result, futures)
 
 
 def compute_table(result: DetectionResult, client=None, progress: bool = False, **compute: Any) -> FeatureTable:
@@ -64,13 +102,7 @@ def compute_table(result: DetectionResult, client=None, progress: bool = False, 
             with ProgressBar():
                 return FeatureTable.concat(dask.compute(*parts, **compute))
         return FeatureTable.concat(dask.compute(*parts, **compute))
-    futures = submit_parts(result, client)
-    if progress:
-        from distributed import progress as show_progress
-
-        show_progress(futures)
-        print()
-    return FeatureTable.concat([settled_table(part) for part in client.gather(futures)])
+    return FeatureTable.concat([settled_table(part) for part in collect_parts(result, client, progress)])
 
 
 def run_to_file(result: DetectionResult, out: str | Path | None, client=None, progress: bool = False) -> RunSummary:
