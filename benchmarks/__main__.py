@@ -23,7 +23,7 @@ BENCHMARKS = {
     "scaling": "2 workers ÷ 1 with a CPU-bound model, tasks and scheduler time",
     "endpoint": "tiles/s through `mr serve`: the pipeline ÷ a plain HTTP load generator",
 }
-VERDICT = re.compile(r"^\S.*\s(met|NOT MET)\s*$")
+VERDICT = re.compile(r"^\S.*\s(met|NOT MET|reported)\s*$")
 """A figure's line: it starts at the margin and ends with its verdict (see ``benchmarks.common.row``)."""
 
 

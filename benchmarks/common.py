@@ -87,5 +87,7 @@ class PeakMemory:
         self._thread.join()
 
 
-def row(name: str, measured: str, goal: str, ok: bool) -> str:
-    return f"{name:<44} {measured:>18}   goal {goal:<10} {'met' if ok else 'NOT MET'}"
+def row(name: str, measured: str, goal: str, ok: bool | None) -> str:
+    """One figure's line: name, measured, goal and verdict (``reported`` for a figure without a goal)."""
+    verdict = "reported" if ok is None else "met" if ok else "NOT MET"
+    return f"{name:<44} {measured:>18}   goal {goal:<10} {verdict}"

@@ -1,15 +1,20 @@
-"""Reading pixels inside tasks: a window reader that pickles to its fields and opens lazily once per thread.
+"""Reading pixels inside tasks: a window reader that pickles to its fields and opens the file lazily.
 
-rasterio datasets must not be shared between threads, so each thread keeps its own small LRU of open datasets;
-reads run in parallel across threads and processes without a lock, like rioxarray's ``lock=False`` mode.
+A rasterio dataset must not be used by two threads at once, so each read checks a handle out of a small
+process-wide pool and puts it back after: reads run in parallel across threads and processes without a lock (like
+rioxarray's ``lock=False`` mode), yet a handle outlives the thread that opened it. That matters twice over: a
+region task that waits on an endpoint leaves its worker's thread pool (``mr.tasks``), so the next region runs on a
+fresh thread, where opening a file costs ~8 ms (GDAL and PROJ set up per thread); and the blocks GDAL has cached
+belong to a handle, so the next region, whose window shares block rows and columns with this one, finds them there.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import rasterio
@@ -24,38 +29,45 @@ try:  # GDAL errors that rasterio lets through unwrapped (rasterio 1.x keeps the
 except ImportError:  # pragma: no cover
     CPLE_BaseError = rasterio.errors.RasterioError  # type: ignore[assignment,misc]
 
-_HANDLES_PER_THREAD = 16
+_FILES_KEPT = 16
+"""Files with idle handles kept open per process (least recently used closed first)."""
+_HANDLES_PER_FILE = 4
+"""Idle handles kept per file: as many as threads read it at once, commonly."""
 
 # -- reading pixels inside tasks --------------------------------------------------------------------------
 
-_thread_handles = threading.local()
-
-
 _HandleKey = tuple[str, GdalEnv, "tuple[int, int] | None"]
+"""(path, env, file signature): the signature (size, mtime) is part of the key so that a file rewritten at the
+same path is opened afresh instead of read through a stale handle."""
+
+_idle: OrderedDict[_HandleKey, list[rasterio.io.DatasetReader]] = OrderedDict()
+_idle_lock = threading.Lock()
 
 
-def _dataset(key: _HandleKey) -> rasterio.io.DatasetReader:
-    """This thread's open dataset for ``(path, env, file signature)``: a small LRU per thread.
-
-    The file signature (size, mtime) is part of the key so that a file rewritten at the same path is
-    opened afresh instead of read through a stale handle. Called inside ``env``.
-    """
-    handles: OrderedDict[_HandleKey, Any] = getattr(_thread_handles, "handles", None) or OrderedDict()
-    _thread_handles.handles = handles
-    if key in handles:
-        handles.move_to_end(key)
-        return handles[key]
-    handles[key] = rasterio.open(key[0], sharing=False)  # no catch_warnings here: it is not thread-safe
-    while len(handles) > _HANDLES_PER_THREAD:
-        handles.popitem(last=False)[1].close()
-    return handles[key]
-
-
-def _forget_dataset(key: _HandleKey) -> None:
-    """Drop a handle that failed, so that a retried task opens the file afresh."""
-    handles = getattr(_thread_handles, "handles", None)
-    if handles is not None and key in handles:
-        handles.pop(key).close()
+@contextmanager
+def _dataset(key: _HandleKey) -> Iterator[rasterio.io.DatasetReader]:
+    """An open dataset for ``key`` that no other thread uses meanwhile: an idle one, or a new one. Called inside
+    ``env``. It goes back to the pool unless the block raises (then it is closed, so that a retried task opens
+    the file afresh)."""
+    with _idle_lock:
+        handles = _idle.get(key)
+        ds = handles.pop() if handles else None
+    if ds is None:
+        ds = rasterio.open(key[0], sharing=False)  # no catch_warnings here: it is not thread-safe
+    try:
+        yield ds
+    except BaseException:
+        ds.close()
+        raise
+    closing = []
+    with _idle_lock:
+        handles = _idle.setdefault(key, [])
+        _idle.move_to_end(key)
+        (handles if len(handles) < _HANDLES_PER_FILE else closing).append(ds)
+        while len(_idle) > _FILES_KEPT:
+            closing.extend(_idle.popitem(last=False)[1])
+    for old in closing:
+        old.close()
 
 
 def _axis_range(key: object, size: int) -> tuple[range, bool]:
@@ -156,25 +168,36 @@ class RasterReader:
             was = f"{self.width:,} × {self.height:,} with band {max(self.bands)}"
             raise ImageReadError(self.url, f"changed since it was opened: now {now}, was {was}")
 
-    def _read(self, bands: range, rows: range, cols: range) -> np.ndarray:
-        """Read the window spanning ``rows`` x ``cols`` for ``bands``, then pick strided selections."""
+    def block_height(self) -> int:
+        """Rows per block of the file's first band (what one strip read should end on: GDAL decodes whole
+        blocks, so a read that ends mid-block decodes that block again for the next one)."""
+        with self.env.activate(), _dataset((self.path, self.env, self.signature)) as ds:
+            return int(ds.block_shapes[0][0])
+
+    def read_window(self, rows: tuple[int, int], cols: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
+        """Every band of rows ``rows[0]:rows[1]`` and columns ``cols[0]:cols[1]``, written into ``out`` when given
+        (any view of the right shape and dtype: GDAL writes through its strides, so no copy is made)."""
+        (r0, r1), (c0, c1) = rows, cols
+        return self._read(range(len(self.bands)), range(r0, r1), range(c0, c1), out)
+
+    def _read(self, bands: range, rows: range, cols: range, out: np.ndarray | None = None) -> np.ndarray:
+        """Read the window spanning ``rows`` x ``cols`` for ``bands`` (into ``out`` if given: unit steps only),
+        then pick strided selections."""
         r0, c0 = min(rows), min(cols)
         window = Window(c0, r0, max(cols) - c0 + 1, max(rows) - r0 + 1)
         indexes = [self.bands[i] for i in bands]
         key = (self.path, self.env, self.signature)
         failure: ImageReadError | None = None
         try:
-            with self.env.activate():
-                ds = _dataset(key)
+            with self.env.activate(), _dataset(key) as ds:
                 self._check_unchanged(ds)
-                data = ds.read(indexes=indexes, window=window)
+                data = ds.read(indexes=indexes, window=window, out=out)
         except ImageReadError as e:
             failure = e
         except (rasterio.errors.RasterioError, CPLE_BaseError) as e:
             where = f"rows {r0}:{r0 + window.height}, columns {c0}:{c0 + window.width}"
             failure = read_failure(self.url, f"reading {where} failed (corrupt or truncated data?)", e)
         if failure is not None:  # raised here, outside the handler, so that no GDAL error rides along as context
-            _forget_dataset(key)
             raise failure
         if rows.step != 1:
             data = data[:, _local_selection(rows), :]

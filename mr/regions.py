@@ -1,10 +1,10 @@
-"""What one region task does, and how seam features are settled: numpy only, no dask, no I/O.
+"""What one region task does, and how seam features are settled: numpy only, no dask, no I/O of its own.
 
-A region block arrives as a numpy array (bands, y, x) that already holds the overlap its last tiles reach into.
-Its tiles are views of the block, batched to the model. Each detection is kept only by the tile whose core holds
-its centre; boxes that reach across a tile cut are de-duplicated inside the block. Boxes that reach across a
-*region* cut cannot be settled here: they are returned as *pending* and settled by the seam tree
-(`merge_pending`) once every region they touch is in one node.
+A region block (bands, y, x) holds the overlap its last tiles reach into; it arrives as a numpy array or as a
+`mr.strips.RegionPixels` whose rows are read as its tiles reach them. Its tiles are views of the block, batched to
+the model. Each detection is kept only by the tile whose core holds its centre; boxes that reach across a tile cut
+are de-duplicated inside the block. Boxes that reach across a *region* cut cannot be settled here: they are
+returned as *pending* and settled by the seam tree (`merge_pending`) once every region they touch is in one node.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from mr.errors import ModelError
 from mr.merge import DedupConfig, nms, soft_nms
 from mr.metrics import Metrics, Operation, measuring
 from mr.models.base import Model, TileFailure
+from mr.strips import RegionPixels
 from mr.tiling import TileGrid
 
 
@@ -111,31 +112,50 @@ def failed_tile(grid: TileGrid, iy: int, ix: int, reason: str) -> dict:
 
 
 def run_tiles(
-    block: np.ndarray, grid: TileGrid, task: RegionTask, model: Model, batch_size: int, metrics: Metrics | None = None
+    block: RegionPixels | np.ndarray,
+    grid: TileGrid,
+    task: RegionTask,
+    model: Model,
+    batch_size: int,
+    metrics: Metrics | None = None,
+    on_submitted: Callable[[], object] | None = None,
 ) -> tuple[Detections, list[dict]]:
-    """Run the model over the region's tiles (batched views of the block): image-pixel detections, failed tiles.
+    """Run the model over the region's tiles (batched views of the block, whose rows are read as the tiles reach
+    them): image-pixel detections, failed tiles.
 
-    A model that can ``submit`` a batch without waiting for it (endpoint adapters) is handed every batch first, so
-    its calls stay in flight from one batch to the next. Each batch is measured as TileProcessing (and
-    ModelInvocation, unless the model records its own calls, as endpoint adapters do with their retries and
-    throttles), one sample per tile: the batch's time since the one before it was done.
+    A model that can ``submit`` a batch without waiting for it (endpoint adapters) is handed each batch as soon as
+    its rows are read, so its first calls go out while the rest of the region is read, and its calls stay in flight
+    from one batch to the next; ``on_submitted()`` is called once every batch is handed over and only waiting is
+    left. Each batch is measured as TileProcessing (and ModelInvocation, unless the model records its own calls, as
+    endpoint adapters do with their retries and throttles), one sample per tile: the batch's time since the one
+    before it was done, reading excluded.
     """
+    pixels = block if isinstance(block, RegionPixels) else RegionPixels.ready(block)
     metrics = metrics if metrics is not None else Metrics()
     own_calls = bool(getattr(model, "records_invocations", False))
     batches = tile_batches(grid, task, batch_size)
-    views = [_batch_of(block, grid, task, iy, run) for iy, run in batches]
+    first_row = grid.y.tile_starts[grid.y.tiles_of_region(task.ry)[0]]
+
+    def view(iy: int, run: list[int]) -> np.ndarray:
+        return _batch_of(pixels.rows(int(grid.y.tile_ends[iy] - first_row)), grid, task, iy, run)
+
     found: list[Detections] = []
     failed: list[dict] = []
-    queued: list[Any] = []
-    started = time.perf_counter()
+    queued: list[tuple[np.ndarray, Any]] = []
+    started, read_before = time.perf_counter(), pixels.seconds
     try:
         if callable(getattr(model, "submit", None)):
             with measuring(metrics):
-                for view in views:
-                    queued.append(_call_model(model, view, partial(model.submit, view)))
-        for i, ((iy, run), view) in enumerate(zip(batches, views)):
+                for iy, run in batches:
+                    tiles = view(iy, run)
+                    queued.append((tiles, _call_model(model, tiles, partial(model.submit, tiles))))
+            if on_submitted is not None:
+                on_submitted()
+        for i, (iy, run) in enumerate(batches):
+            tiles, call = (queued[i][0], queued[i][1].result) if queued else (view(iy, run), None)
+            started, read_before = started + pixels.seconds - read_before, pixels.seconds  # reading is not the model's
             with measuring(metrics):
-                tables = list(_call_model(model, view, queued[i].result if queued else None))
+                tables = list(_call_model(model, tiles, call))
             called = time.perf_counter()
             if len(tables) != len(run):
                 raise ModelError(f"model {model.name!r} returned {len(tables)} tables for {len(run)} tiles")
@@ -156,7 +176,7 @@ def run_tiles(
                         model_name=model.name)
             started = time.perf_counter()
     finally:
-        for pending in queued:
+        for _, pending in queued:
             pending.cancel()  # after a failure, the calls not yet begun are dropped (a no-op once all are done)
     return Detections.concat(found), failed
 
@@ -230,19 +250,23 @@ def split_settled(
 
 
 def process_region(
-    block: np.ndarray,
+    block: RegionPixels | np.ndarray,
     grid: TileGrid,
     task: RegionTask,
     model: Model,
     settings: RegionSettings,
     roi: object | None = None,
     metrics: Metrics | None = None,
+    on_submitted: Callable[[], object] | None = None,
 ) -> RegionResult:
-    """The whole work of one region task: tiles → model → owned detections → seams settled or pending."""
+    """The whole work of one region task: tiles → model → owned detections → seams settled or pending.
+
+    ``model_seconds`` excludes reading the block; ``on_submitted`` is as in :func:`run_tiles`."""
+    pixels = block if isinstance(block, RegionPixels) else RegionPixels.ready(block)
     metrics = metrics if metrics is not None else Metrics()
-    started = time.perf_counter()
-    found, failed = run_tiles(block, grid, task, model, settings.batch_size, metrics)
-    seconds = time.perf_counter() - started
+    started, read_before = time.perf_counter(), pixels.seconds
+    found, failed = run_tiles(pixels, grid, task, model, settings.batch_size, metrics, on_submitted)
+    seconds = time.perf_counter() - started - (pixels.seconds - read_before)
     with metrics.timed(Operation.FEATURE_REFINEMENT):
         found = keep_owned(found, grid)
         if roi is not None and len(found):

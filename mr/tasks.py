@@ -4,6 +4,11 @@ Each task leaves one `Part`: the features it settled, geolocated (what the calle
 pending (what the next seam node takes). One task per region and per node keeps the graph small: each extra task
 costs a scheduler round trip on a worker between region tasks and at the end of a job.
 
+A region task over a file reads its window strip by strip as its tiles reach the rows (`mr.strips`). With an
+endpoint model it steps out of the worker's thread pool once every tile is handed over (`aside_when_submitted`),
+so the worker reads the next region while the endpoint answers; the endpoint's bounded queue of waiting calls keeps
+that read-ahead to a few tile rows.
+
 Kept apart from :mod:`mr.graph` (which builds graphs with dask.array) so a worker imports only this and the numpy
 modules it uses: a fresh worker is ready in a third of the time.
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +29,8 @@ from mr.geo import Georeference
 from mr.logs import log_context
 from mr.metrics import Metrics, Operation
 from mr.models.base import Model
-from mr.regions import RegionResult, RegionSettings, RegionTask, merge_pending, process_region, region_tiles
+from mr.regions import RegionResult, RegionSettings, RegionTask, merge_pending, process_region
+from mr.strips import RegionPixels
 from mr.tiling import TileGrid
 
 log = logging.getLogger(__name__)
@@ -82,12 +89,31 @@ def _boxed(result: RegionResult, georef: Georeference | None) -> np.ndarray:
     return out
 
 
+def aside_when_submitted(model: Model) -> Callable[[], None] | None:
+    """For a region task on a Dask worker whose model only waits on calls (an endpoint: it has ``submit``), what
+    takes the task out of the worker's thread pool once all its tiles are handed over: the worker then reads the
+    next region while these calls finish, so the endpoint never waits for a region to be read. How far it reads
+    ahead is bounded by the endpoint's queue of waiting calls (``mr.models.inflight``). None elsewhere (a model
+    that computes, a thread outside a worker's pool, no distributed)."""
+    if not callable(getattr(model, "submit", None)):
+        return None
+    try:
+        from distributed import get_worker, secede
+        from distributed.threadpoolexecutor import thread_state
+
+        get_worker()
+    except (ImportError, ValueError):
+        return None
+    return secede if getattr(thread_state, "proceed", False) else None
+
+
 def _skipped(task: RegionTask) -> bool:
     return task.tile_mask is not None and not task.tile_mask.any()
 
 
-def _run_region(read, job: RegionJob, ry: int, rx: int) -> np.ndarray:
-    """Load the region from its checkpoint, or read its pixels, run it and checkpoint it (each step measured)."""
+def _run_region(pixels: RegionPixels, job: RegionJob, ry: int, rx: int) -> np.ndarray:
+    """Load the region from its checkpoint, or run its tiles as their pixels are read, and checkpoint it (each
+    step measured)."""
     with log_context(job_id=job.job_id, image_id=job.image_id, region=f"r{ry}-c{rx}"):
         if job.checkpoint is not None:
             stored = job.checkpoint.load(ry, rx)
@@ -101,11 +127,10 @@ def _run_region(read, job: RegionJob, ry: int, rx: int) -> np.ndarray:
         if _skipped(task):
             result = RegionResult(Detections.empty(), Detections.empty(), 0, 0.0)
         else:
-            tiles = len(region_tiles(job.grid, task))
-            with metrics.timed(Operation.TILE_GENERATION, invocations=tiles, input_format=input_format):
-                block = read()
-            result = process_region(block, job.grid, task, job.model, job.settings, job.roi, metrics)
-            del block
+            result = process_region(pixels, job.grid, task, job.model, job.settings, job.roi, metrics,
+                                    aside_when_submitted(job.model))
+            metrics.add(Operation.TILE_GENERATION, pixels.seconds, invocations=result.tiles,
+                        input_format=input_format)
         if job.checkpoint is not None:
             with metrics.timed(Operation.FEATURE_STORAGE):
                 job.checkpoint.save(ry, rx, result)
@@ -119,15 +144,19 @@ def _run_region(read, job: RegionJob, ry: int, rx: int) -> np.ndarray:
 
 
 def _read_then(kernel, reader, grid: TileGrid, job, ry: int, rx: int):
-    """One region task over a file: the kernel reads the region's window (overlap included) when it needs it."""
+    """One region task over a file: the kernel reads the region's window (overlap included) as it needs its rows."""
     (y0, y1), (x0, x1) = block_span(grid.y, grid.y_offset, ry), block_span(grid.x, grid.x_offset, rx)
-    return kernel(lambda: reader[:, y0:y1, x0:x1], job, ry, rx)
+    def read(start: int, stop: int, out: np.ndarray) -> None:
+        reader.read_window((y0 + start, y0 + stop), (x0, x1), out=out)
+
+    array = np.empty((len(reader.bands), y1 - y0, x1 - x0), dtype=reader.dtype)  # pages are taken as rows are read
+    return kernel(RegionPixels(array, read, origin=y0, step=reader.block_height), job, ry, rx)
 
 
 def _block_then(block: np.ndarray, kernel, job, block_info: dict | None = None):
     """map_blocks wrapper over overlapped blocks: the region's place comes from the block's location."""
     _, ry, rx = block_info[0]["chunk-location"]
-    return kernel(lambda: block, job, ry, rx)
+    return kernel(RegionPixels.ready(block), job, ry, rx)
 
 
 def _located(settled: Detections, georef: Georeference | None, metrics: Metrics, failed: tuple = ()) -> FeatureTable:

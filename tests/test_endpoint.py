@@ -253,6 +253,37 @@ def test_batches_share_the_process_call_threads():
     assert len(first) == 3 and call_threads() == first and server.calls == 14
 
 
+def test_a_worker_reads_its_next_region_while_the_endpoint_answers_the_last(client, tmp_path):
+    """A region task steps out of its worker's thread pool once its tiles are with the endpoint: on one-thread
+    workers, the next region task starts before the last one has its replies, and the result is unchanged."""
+    import mr
+    from distributed import get_task_stream
+    from mr.run import compute_table
+    from tests.rasters import write_geotiff
+
+    path = write_geotiff(tmp_path / "regions.tif", tiled=True, blocksize=64, height=256, width=512)
+    with Server(healthy, delay=0.25) as server:
+        model = HttpEndpointModel(server.url, retry=FAST, max_in_flight=16, name="stepping-aside")
+        result = mr.detect(mr.open_image(path), model, tile_size=64, overlap=0, region_size=128)
+        assert result.plan.grid.region_count == 8
+        with get_task_stream(client) as stream:
+            table = compute_table(result, client)
+        expected = compute_table(mr.detect(mr.open_image(path), model, tile_size=64, overlap=0, region_size=128),
+                                 scheduler="sync")
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for task in stream.data:
+        if str(task["key"][0]).startswith("read-infer-region"):
+            for interval in task["startstops"]:
+                if interval["action"] == "compute":
+                    spans.setdefault(task["worker"], []).append((interval["start"], interval["stop"]))
+    overlapping = [
+        (a, b) for worker in spans.values() for a, b in zip(sorted(worker), sorted(worker)[1:]) if b[0] < a[1] - 0.05
+    ]
+    assert overlapping, spans  # two region tasks at once on a one-thread worker
+    assert len(table) == len(expected) == 32 * 3
+    np.testing.assert_array_equal(np.sort(table.detections.boxes, axis=0), np.sort(expected.detections.boxes, axis=0))
+
+
 class KeepAliveServer(Server):
     """An HTTP/1.1 server that keeps connections open, counts them, and can drop one after its next reply."""
 

@@ -14,6 +14,7 @@ from mr.errors import ModelError
 from mr.metrics import Metrics, Operation
 from mr.models.inflight import CallPool, Lease, Pending
 from mr.regions import RegionTask, run_tiles
+from mr.strips import RegionPixels
 from mr.tiling import TileGrid, tile_grid
 
 
@@ -80,6 +81,28 @@ def test_a_failure_reaches_its_caller_and_cancelled_work_never_runs():
         failing.result(timeout=5)
     assert pool.submit(lambda lease: "alive").result(timeout=5) == "alive"  # the thread outlived the failure
     assert ran == [] and dropped.futures[0].cancelled()
+
+
+def test_submit_waits_while_the_queue_of_waiting_calls_is_full():
+    pool = CallPool(1, None, "test-room", queued=2)
+    started, gate = threading.Event(), threading.Event()
+
+    def hold(lease: Lease) -> str:
+        started.set()
+        gate.wait(5)
+        return "held"
+
+    held = pool.submit(hold)
+    started.wait(5)  # the only thread is busy: what comes next waits in the queue
+    queued = [pool.submit(lambda lease: "queued") for _ in range(2)]
+    late: list = []
+    submitter = threading.Thread(target=lambda: late.append(pool.submit(lambda lease: "late")))
+    submitter.start()
+    submitter.join(0.3)
+    assert submitter.is_alive() and not late  # the queue is full: submit waits (back-pressure on the reader)
+    gate.set()
+    submitter.join(5)
+    assert [f.result(timeout=5) for f in [held, *queued, *late]] == ["held", "queued", "queued", "late"]
 
 
 _FORKED_POOL = CallPool(1, None, "test-fork")
@@ -163,6 +186,23 @@ def test_a_model_that_can_submit_gets_every_batch_before_the_first_result_is_awa
     assert not failed and np.array_equal(found.boxes, expected.boxes) and len(found) == 8
     np.testing.assert_array_equal(found.tile_ids, expected.tile_ids)
     assert metrics.by_operation()[Operation.TILE_PROCESSING.value].invocations == 8
+
+
+def test_each_tile_row_goes_to_the_model_as_soon_as_its_rows_are_read():
+    block, grid, task = region()
+    model, events = Submitting(), []
+
+    def read(start: int, stop: int, out: np.ndarray) -> None:
+        events.append(("read", start, stop))
+        out[...] = block[:, start:stop]
+
+    original_submit = model.submit
+    model.submit = lambda tiles: events.append(("submit",)) or original_submit(tiles)
+    pixels = RegionPixels(np.empty_like(block), read)
+    found, _ = run_tiles(pixels, grid, task, model, 4, on_submitted=lambda: events.append(("submitted",)))
+    assert events == [("read", 0, 64), ("submit",), ("read", 64, 128), ("submit",), ("submitted",)]
+    assert [e for e, _ in model.log].index("result") == 2  # results are awaited only after the last submit
+    assert len(found) == 8
 
 
 def test_after_a_failed_batch_the_calls_not_begun_are_cancelled():

@@ -8,6 +8,10 @@ lease when it starts a busy spell and keeps it from call to call while work is q
 two scheduler round trips per busy spell instead of per tile. It gives the lease back before a retry's back-off and
 after ``LINGER_S`` without work, so an idle process does not sit on the cluster's leases. Each thread holds at most
 one lease and makes one call at a time: calls in flight never outnumber leases held, so the limit still holds.
+
+At most ``queued`` calls wait for a thread: ``submit`` blocks past that. That is the back-pressure that lets a region
+task hand its tiles over as it reads them and then wait outside its worker's thread pool (:mod:`mr.tasks`): the
+next region is read only as fast as the endpoint takes tiles, so a worker holds a few regions, not all of them.
 """
 
 from __future__ import annotations
@@ -27,6 +31,12 @@ LINGER_S = 0.005
 """Seconds a thread keeps its lease while no work is queued: covers the gap between the batches of a caller that
 waits for each, yet hands an idle lease to another worker soon (not the ~50 ms a task spends reading its next region:
 a lease held idle through that stalls the other workers)."""
+
+
+def queued_calls(threads: int) -> int:
+    """How many calls may wait for one of ``threads`` threads: two tile rows of a 4096-pixel region at 512-pixel
+    tiles, so the endpoint does not wait while its caller reads the next strip, and at least two per thread."""
+    return max(2 * threads, 16)
 
 
 class Lease:
@@ -68,21 +78,30 @@ class Pending(Generic[T]):
 class CallPool:
     """``threads`` daemon threads serving work for one endpoint and limiter in this process, FIFO."""
 
-    def __init__(self, threads: int, limiter: Any, name: str, linger: float = LINGER_S) -> None:
+    def __init__(
+        self, threads: int, limiter: Any, name: str, linger: float = LINGER_S, queued: int | None = None
+    ) -> None:
         self.threads = threads
         self.limiter = limiter
         self.name = name
         self.linger = linger
+        self.queued = queued if queued is not None else queued_calls(threads)
+        self._fresh()
+
+    def _fresh(self) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._room = threading.Semaphore(self.queued)
         self._lock = threading.Lock()
         self._started: list[threading.Thread] = []
         self._pid = os.getpid()
 
     def submit(self, work: Callable[[Lease], T]) -> Future:
-        """Queue ``work(lease)``, where ``lease`` is the serving thread's: a future of its result."""
+        """Queue ``work(lease)``, where ``lease`` is the serving thread's: a future of its result. Waits while
+        ``queued`` calls are already waiting for a thread."""
         future: Future = Future()
         if self._pid != os.getpid():  # a forked child has none of its parent's threads: start afresh
-            self._queue, self._lock, self._started, self._pid = queue.SimpleQueue(), threading.Lock(), [], os.getpid()
+            self._fresh()
+        self._room.acquire()
         self._queue.put((future, work))
         with self._lock:
             while len(self._started) < self.threads:  # all at once, on first use: idle threads cost nothing
@@ -103,6 +122,7 @@ class CallPool:
                 except Exception:  # a scheduler gone away: the lease lapses there; this thread must live on
                     log.warning("%s: could not give an in-flight lease back", self.name, exc_info=True)
                 continue
+            self._room.release()
             if not future.set_running_or_notify_cancel():
                 continue
             try:
