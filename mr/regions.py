@@ -126,7 +126,9 @@ def run_tiles(
     A model that can ``submit`` a batch without waiting for it (endpoint adapters) is handed each batch as soon as
     its rows are read, so its first calls go out while the rest of the region is read, and its calls stay in flight
     from one batch to the next; ``on_submitted()`` is called once every batch is handed over and only waiting is
-    left. Each batch is measured as TileProcessing (and ModelInvocation, unless the model records its own calls, as
+    left. For any other model the block is read whole first.
+
+    Each batch is measured as TileProcessing (and ModelInvocation, unless the model records its own calls, as
     endpoint adapters do with their retries and throttles), one sample per tile: the batch's time since the one
     before it was done, reading excluded.
     """
@@ -151,6 +153,8 @@ def run_tiles(
                     queued.append((tiles, _call_model(model, tiles, partial(model.submit, tiles))))
             if on_submitted is not None:
                 on_submitted()
+        else:  # a model that computes gains nothing from strips (nothing to overlap): one read, the cheapest
+            pixels()
         for i, (iy, run) in enumerate(batches):
             tiles, call = (queued[i][0], queued[i][1].result) if queued else (view(iy, run), None)
             started, read_before = started + pixels.seconds - read_before, pixels.seconds  # reading is not the model's
