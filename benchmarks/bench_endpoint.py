@@ -26,7 +26,7 @@ more). ``--uncompressed`` reads an uncompressed copy instead, to see the pipelin
 
   python -m benchmarks.bench_endpoint [--size 12000] [--concurrency 4 8] [--cores split shared] [--workers 2]
                                       [--repeats 3] [--tile-format NITF|GTIFF] [--server-model null|builtin]
-                                      [--server-nodelay] [--uncompressed]
+                                      [--uncompressed]
 """
 
 from __future__ import annotations
@@ -54,9 +54,7 @@ TILE, OVERLAP = 512, 32
 
 _SERVER = """
 import sys
-from mr.serve import make_server, _OsmlHandler
-if sys.argv[2] == "nodelay":  # TCP_NODELAY on the server's sockets: no Nagle stall between headers and body
-    _OsmlHandler.disable_nagle_algorithm = True
+from mr.serve import make_server
 if sys.argv[1] == "null":
     from benchmarks.common import NullModel
     model = NullModel()
@@ -69,15 +67,10 @@ server.serve_forever()
 """
 
 
-def start_server(model: str, nodelay: bool = False) -> tuple[subprocess.Popen, str]:
-    """``mr serve`` for ``model`` in a fresh process on a free loopback port; its base URL once it listens.
-
-    ``nodelay`` sets TCP_NODELAY on the server's connections (``disable_nagle_algorithm``), which ``mr.serve`` does
-    not do: it writes the reply's headers and body in two sends, and Nagle holds the body until the client's delayed
-    ACK of the headers (~40 ms on Linux loopback), whoever the client is.
-    """
+def start_server(model: str) -> tuple[subprocess.Popen, str]:
+    """``mr serve`` for ``model`` in a fresh process on a free loopback port; its base URL once it listens."""
     root = Path(__file__).resolve().parent.parent
-    argv = [sys.executable, "-c", _SERVER, model, "nodelay" if nodelay else "default"]
+    argv = [sys.executable, "-c", _SERVER, model]
     process = subprocess.Popen(argv, cwd=root, stdout=subprocess.PIPE, text=True)
     port = int(process.stdout.readline())
     url = f"http://127.0.0.1:{port}"
@@ -198,7 +191,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tile-format", default="NITF", choices=["NITF", "GTIFF"], help="as OSML's tileFormat")
     parser.add_argument("--server-model", default="null")
-    parser.add_argument("--server-nodelay", action="store_true", help="TCP_NODELAY on the server (see start_server)")
     parser.add_argument("--uncompressed", action="store_true", help="read an uncompressed copy of the scene")
     args = parser.parse_args()
     from mr.cluster import get_client
@@ -207,13 +199,12 @@ def main() -> None:
     fmt = args.tile_format
     payloads = encoded_tiles(path, fmt)
     tiles = len(payloads)
-    server, url = start_server(args.server_model, args.server_nodelay)
+    server, url = start_server(args.server_model)
     server_process = psutil.Process(server.pid)
-    nodelay = " + TCP_NODELAY" if args.server_nodelay else ""
     source = "uncompressed" if args.uncompressed else "deflate"
     layouts = core_layouts(args.cores)
     lines = [f"    {tiles} tiles of {TILE}² (overlap {OVERLAP}) from {args.size}² ({source}), {fmt}"
-             f" {len(payloads[0])} bytes each; server model {args.server_model!r}{nodelay}, "
+             f" {len(payloads[0])} bytes each; server model {args.server_model!r}, "
              f"{args.workers} workers × {args.threads_per_worker} thread; "
              + "; ".join(f"{mode}: server on cores {sorted(s)}, clients on {sorted(c)}"
                          for mode, (s, c) in layouts.items())]

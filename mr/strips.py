@@ -52,15 +52,20 @@ class RegionPixels:
         """The block, with at least its first ``stop`` rows read (rows past them may still be unread)."""
         stop = min(int(stop), self.height)
         if stop > self.loaded:
-            if callable(self._step):
-                self._step = self._step()
-            step = max(int(self._step), 1)
-            end = min(-((self.origin + stop) // -step) * step - self.origin, self.height)
+            end = self._block_row_end(stop) if stop < self.height else stop
             started = time.perf_counter()
             self._read(self.loaded, end, self.array[:, self.loaded : end])
             self.seconds += time.perf_counter() - started
             self.loaded = end
         return self.array
+
+    def _block_row_end(self, stop: int) -> int:
+        """``stop`` moved on to the end of the file block row it falls in (the file's block height is asked for
+        only here: a whole read needs none)."""
+        if callable(self._step):
+            self._step = self._step()
+        step = max(int(self._step), 1)
+        return min(-((self.origin + stop) // -step) * step - self.origin, self.height)
 
     def __call__(self) -> np.ndarray:
         """The whole block, read."""

@@ -146,6 +146,7 @@ def _run_region(pixels: RegionPixels, job: RegionJob, ry: int, rx: int) -> np.nd
 def _read_then(kernel, reader, grid: TileGrid, job, ry: int, rx: int):
     """One region task over a file: the kernel reads the region's window (overlap included) as it needs its rows."""
     (y0, y1), (x0, x1) = block_span(grid.y, grid.y_offset, ry), block_span(grid.x, grid.x_offset, rx)
+
     def read(start: int, stop: int, out: np.ndarray) -> None:
         reader.read_window((y0 + start, y0 + stop), (x0, x1), out=out)
 
