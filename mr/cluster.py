@@ -14,8 +14,12 @@ log = logging.getLogger(__name__)
 
 def get_client(address: str | None = None, n_workers: int | None = None, **local: Any):
     """A client for ``address`` (or ``mr.cluster.address``), else for a Dask Gateway cluster when
-    ``mr.cluster.gateway.address`` is set, else for a LocalCluster on loopback."""
-    from distributed import Client, LocalCluster
+    ``mr.cluster.gateway.address`` is set, else for a LocalCluster on loopback.
+
+    A LocalCluster started here belongs to its client: closing the client (or leaving its ``with`` block) shuts the
+    scheduler and worker processes down, so a notebook or benchmark that opens clients one after another does not
+    leave earlier clusters running beside the new one. A cluster reached by address is left running."""
+    from distributed import Client
 
     address = config.get("cluster.address", address)
     gateway = None if address else _gateway_settings()
@@ -37,7 +41,7 @@ def get_client(address: str | None = None, n_workers: int | None = None, **local
         if options.get("processes", True):
             options.setdefault("host", "127.0.0.1")  # loopback only (threads-only clusters talk in-process)
         with worker_environment():
-            client = Client(LocalCluster(**options))
+            client = Client(**options)  # Client starts the LocalCluster itself, and so closes it with itself
     if client.dashboard_link:
         log.info("Dask dashboard: %s", client.dashboard_link)
     client.run(preload_task_modules, wait=False)
