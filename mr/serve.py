@@ -202,6 +202,15 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 128
     daemon_threads = True
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that drops its connection (a worker shutting down, a load balancer's probe) is routine, not a
+        traceback on stderr; anything else goes to the log with its traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+            logger.debug("client %s dropped its connection: %s", client_address, error)
+            return
+        logger.exception("error serving %s", client_address)
+
 
 def make_server(model: Model, host: str = "127.0.0.1", port: int = 8080, **options: Any) -> ThreadingHTTPServer:
     """A bound, not yet serving, threaded HTTP server for ``model`` (port 0 picks a free port)."""

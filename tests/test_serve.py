@@ -191,3 +191,18 @@ def test_a_burst_of_connections_is_queued_not_dropped(endpoint):
         server.shutdown()
         server.server_close()
     assert len(answers) == 32 and all(answer.startswith(b"HTTP/1.1 200") for answer in answers)
+
+
+def test_a_client_dropping_its_connection_is_not_a_traceback(endpoint, capfd):
+    """A connection reset in the middle of a request line is logged quietly, and the server goes on serving."""
+    import struct
+
+    port = urllib.parse.urlsplit(endpoint).port
+    for _ in range(3):
+        connection = socket.create_connection(("127.0.0.1", port), timeout=10)
+        connection.sendall(b"POST /invocations HT")  # no end of line: the server is left reading
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        connection.close()  # linger 0: an RST, so the server's read fails with ConnectionResetError
+    with urllib.request.urlopen(endpoint + "/ping", timeout=10) as reply:
+        assert reply.status == 200
+    assert "Traceback" not in capfd.readouterr().err
