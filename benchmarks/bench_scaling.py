@@ -15,11 +15,12 @@ ratios):
   load imbalance at the tail (a worker with nothing left to run). Submission (``mr.run.submit_parts``) is timed apart,
   and the gaps between consecutive tasks on one worker (scheduler round trips while there is work) are summed apart
   from the tail wait.
-- the machine's own ceiling, measured in every round before mr's runs: the same model on in-memory tiles in 2 bare
-  processes ÷ 1. Each round's ratios pair runs a few seconds apart, and which worker count runs first alternates, so
-  the machine's drift (its 2 vCPUs are shared with other guests) falls mostly outside them;
+- the machine's own ceiling, measured in every round before mr's runs: the graph's region tasks (the first region
+  size) run without Dask in 2 bare processes ÷ 1, started with a worker's environment: what the machine gives mr's
+  code with no scheduler at all. Each round's ratios pair runs a few seconds apart, and which worker count runs
+  first alternates, so the machine's drift (its 2 vCPUs are shared with other guests) falls mostly outside them;
 - mr's own scaling: ``2 × (Σ compute ÷ 2 × wall on 2 workers) ÷ (Σ compute ÷ wall on 1 worker)``, the speed-up if task
-  code ran as fast with both cores busy as with one; what separates it from the measured speed-up is the machine.
+  code ran as fast with both cores busy as with one.
 
   python -m benchmarks.bench_scaling [--size 10000] [--region-sizes 4096 2048] [--fft-rounds 3] [--repeats 3]
 """
@@ -55,33 +56,58 @@ class HeavyDetector:
         return BuiltinDetector()(tiles)
 
 
-def _busy(rounds: int, tiles: int, seed: int, start_at: float = 0.0) -> tuple[float, float]:
-    """Run the heavy model over ``tiles`` in-memory 1024² tiles in this process (no I/O, no dask) from the wall-clock
-    time ``start_at`` on (after the warm-up, so two processes start together); returns (start, end) wall times."""
-    rng = np.random.default_rng(seed)
-    batch = (rng.normal(100, 10, size=(1, 1, 1024, 1024))).astype(np.uint8)
-    model = HeavyDetector(rounds)
-    model(batch)  # warm: imports, FFT plans
-    time.sleep(max(0.0, start_at - time.time()))
-    started = time.time()
-    for _ in range(tiles):
-        model(batch)
-    return started, time.time()
+def _run_region(task: dict) -> float:
+    """Run one region task (a one-key graph: read, model, settle) in this process, without a scheduler: seconds."""
+    import dask
+
+    started = time.perf_counter()
+    dask.get(task, next(iter(task)))
+    return time.perf_counter() - started
 
 
-def machine_ceiling(pool, rounds: int, tiles: int) -> dict:
-    """The same per-tile work in 1 process, then in 2 processes at once: how far this machine scales by itself.
+def region_tasks(result) -> list[dict]:
+    """The graph's region tasks, each as a one-key graph: the layer that depends on no other (seams come after)."""
+    graph = result.built.graph
+    return [{key: graph.layers[name][key]} for name in graph.layers if not graph.dependencies[name]
+            for key in graph.layers[name]]
 
-    Two busy cores of a virtual machine can slow each other down (shared caches, memory bandwidth, the hypervisor
-    and its other guests); this is the best 2-vs-1 speed-up any engine could reach here in that minute. Both
-    processes warm up first and start on the same wall-clock instant, so neither figure includes a warm-up.
+
+def bare_pool() -> ProcessPoolExecutor:
+    """Two fresh processes (spawned, not forked) started with a local worker's environment (``worker_environ``:
+    glibc's malloc settings, read as a process starts), so they run region code as fast as a worker does."""
+    import multiprocessing
+    import os
+
+    from mr.cluster import worker_environ
+
+    saved = dict(os.environ)
+    os.environ.update(worker_environ())
+    try:
+        pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
+        list(pool.map(time.sleep, [0.5, 0.5]))  # both processes start now, with this environment
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return pool
+
+
+def machine_ceiling(pool: ProcessPoolExecutor, tasks: list[dict]) -> dict:
+    """mr's own region tasks run without Dask: one at a time, then two at a time by two processes taking the next
+    task as each finishes (as a scheduler hands them out): how far this machine scales mr's code by itself.
+
+    Two busy cores of a virtual machine slow each other down (shared caches, memory bandwidth, the hypervisor and its
+    other guests); the ratio is the best any scheduler could do here in that minute. Both processes are warm (the
+    last two tasks run once first), and the one-at-a-time run alternates between them.
     """
-    start, end = pool.submit(_busy, rounds, tiles, 0).result()
-    one = end - start
-    start_at = time.time() + 0.3  # after both warm-ups
-    spans = list(pool.map(_busy, [rounds] * 2, [tiles // 2] * 2, [0, 1], [start_at] * 2))
-    two = max(end for _, end in spans) - min(start for start, _ in spans)
-    return {"one": one, "two": two, "per_tile_one": one / tiles, "per_tile_two": two / (tiles // 2)}
+    list(pool.map(_run_region, tasks[-2:]))
+    started = time.perf_counter()
+    for task in tasks:
+        pool.submit(_run_region, task).result()
+    one = time.perf_counter() - started
+    started = time.perf_counter()
+    list(pool.map(_run_region, tasks))
+    two = time.perf_counter() - started
+    return {"one": one, "two": two}
 
 
 def timed_run(path, client, model, region_size: int) -> dict:
@@ -133,7 +159,6 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=10_000)
     parser.add_argument("--region-sizes", type=int, nargs="+", default=[4096, 2048])
     parser.add_argument("--fft-rounds", type=int, default=3)
-    parser.add_argument("--ceiling-tiles", type=int, default=40, help="tiles of the machine-ceiling measurement")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of ceiling, 1 and 2 workers; median ratio")
     args = parser.parse_args()
 
@@ -146,10 +171,11 @@ def main() -> None:
     model = HeavyDetector(args.fft_rounds)
     mpx = args.size**2 / 1e6
     rounds: list[dict] = []
-    with ProcessPoolExecutor(2) as pool:
-        list(pool.map(_busy, [args.fft_rounds] * 2, [1] * 2, [0, 1]))  # start both processes, import, warm
+    tasks = region_tasks(mr.detect(mr.open_image(path), model, tile_size=1024, overlap=50,
+                                   region_size=args.region_sizes[0]))
+    with bare_pool() as pool:
         for index in range(args.repeats):  # everything alternates: the machine's speed drifts from minute to minute
-            measured: dict = {"ceiling": machine_ceiling(pool, args.fft_rounds, args.ceiling_tiles)}
+            measured: dict = {"ceiling": machine_ceiling(pool, tasks)}
             for workers in (1, 2) if index % 2 == 0 else (2, 1):  # alternate which goes first, against drift
                 with mr.get_client(n_workers=workers, threads_per_worker=1) as client:
                     client.run(preload_task_modules)
@@ -162,9 +188,10 @@ def main() -> None:
     lines = [
         f"scene {args.size}² ({mpx:.0f} MP), tile 1024, overlap 50, model {model.name} (fft rounds {model.rounds}); "
         f"{args.repeats} rounds, each measuring the machine's ceiling, then 1 and 2 workers (in turn first)",
-        f"machine ceiling: the same model on in-memory tiles, 2 processes ÷ 1 = {machine:.2f}× (median; rounds "
-        f"{_listed(ceilings)}; per tile {_listed([1000 * r['ceiling']['per_tile_one'] for r in rounds], 1)} ms "
-        f"alone, {_listed([1000 * r['ceiling']['per_tile_two'] for r in rounds], 1)} ms with both cores busy)",
+        f"machine ceiling: mr's region tasks (region {args.region_sizes[0]}) in 2 bare processes ÷ 1, no Dask = "
+        f"{machine:.2f}× (median; rounds {_listed(ceilings)}; one at a time "
+        f"{_listed([r['ceiling']['one'] for r in rounds])} s, two at a time "
+        f"{_listed([r['ceiling']['two'] for r in rounds])} s)",
     ]
     for region_size in args.region_sizes:
         speeds = [r[1, region_size]["wall"] / r[2, region_size]["wall"] for r in rounds]
