@@ -96,8 +96,9 @@ def machine_ceiling(pool: ProcessPoolExecutor, tasks: list[dict]) -> dict:
     task as each finishes (as a scheduler hands them out): how far this machine scales mr's code by itself.
 
     Two busy cores of a virtual machine slow each other down (shared caches, memory bandwidth, the hypervisor and its
-    other guests); the ratio is the best any scheduler could do here in that minute. Both processes are warm (the
-    last two tasks run once first), and the one-at-a-time run alternates between them.
+    other guests); the ratio is what a scheduler handing the tasks out in graph order, at no cost of its own, gets
+    here in that minute. Both processes are warm (the last two tasks run once first), and the one-at-a-time run
+    alternates between them.
     """
     list(pool.map(_run_region, tasks[-2:]))
     started = time.perf_counter()
