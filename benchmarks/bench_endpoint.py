@@ -46,7 +46,7 @@ import rasterio
 from rasterio.windows import Window
 
 import mr
-from benchmarks.common import row, scene_file, uncompressed_copy
+from benchmarks.common import listed, row, scene_file, uncompressed_copy
 from mr.encoding import content_type, encode_tile
 from mr.models.endpoint import HttpEndpointModel
 
@@ -255,7 +255,7 @@ def measure(mode: str, concurrency: int, path: Path, url: str, payloads: list[by
                      f"{ratio:.2f}×", "—", None)
     per_tile = {k: f"{1e3 * v / (tiles * repeats):.2f}" for k, v in {**server_cpu, **{
         f"client-{k}": v for k, v in client_cpu.items()}}.items()}
-    piped_runs, direct_runs = (", ".join(f"{s:.2f}" for s in runs) for runs in (piped, direct))
+    piped_runs, direct_runs = listed(piped), listed(direct)
     detail = (f"    C={concurrency}, {mode}: pipeline {piped_rate:.0f} tiles/s (runs {piped_runs} s), "
               f"load generator {direct_rate:.0f} tiles/s (runs {direct_runs} s); "
               f"CPU ms per tile, server {per_tile['pipeline']} vs {per_tile['direct']}, "

@@ -17,7 +17,7 @@ from pathlib import Path
 import rasterio
 
 import mr
-from benchmarks.common import NullModel, PeakMemory, row, scene_file
+from benchmarks.common import NullModel, PeakMemory, listed, row, scene_file
 
 
 def sequential_decode_seconds(path: Path) -> float:
@@ -128,7 +128,7 @@ def main() -> None:
             pipes.append(pipeline_seconds(path, client)[0])
     ratio = min(decodes) / min(pipes)
     lines.append(row(f"(a) null-model pipeline ÷ decode, {args.decode_size}²", f"{ratio:.2f}×", "≥ 0.9", ratio >= 0.9))
-    runs = {name: ", ".join(f"{s:.2f}" for s in values) for name, values in (("decode", decodes), ("pipeline", pipes))}
+    runs = {"decode": listed(decodes), "pipeline": listed(pipes)}
     lines.append(f"    decode {runs['decode']} s; pipeline {runs['pipeline']} s")
 
     if not args.skip_memory:

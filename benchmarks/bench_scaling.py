@@ -36,7 +36,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from benchmarks.common import row, scene_file
+from benchmarks.common import listed, row, scene_file
 
 
 @dataclass(frozen=True)
@@ -151,10 +151,6 @@ def timed_run(path, client, model, region_size: int) -> dict:
     }
 
 
-def _listed(values: list[float], digits: int = 2) -> str:
-    return ", ".join(f"{v:.{digits}f}" for v in values)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=10_000)
@@ -190,9 +186,9 @@ def main() -> None:
         f"scene {args.size}² ({mpx:.0f} MP), tile 1024, overlap 50, model {model.name} (fft rounds {model.rounds}); "
         f"{args.repeats} rounds, each measuring the machine's ceiling, then 1 and 2 workers (in turn first)",
         f"machine ceiling: mr's region tasks (region {args.region_sizes[0]}) in 2 bare processes ÷ 1, no Dask = "
-        f"{machine:.2f}× (median; rounds {_listed(ceilings)}; one at a time "
-        f"{_listed([r['ceiling']['one'] for r in rounds])} s, two at a time "
-        f"{_listed([r['ceiling']['two'] for r in rounds])} s)",
+        f"{machine:.2f}× (median; rounds {listed(ceilings)}; one at a time "
+        f"{listed([r['ceiling']['one'] for r in rounds])} s, two at a time "
+        f"{listed([r['ceiling']['two'] for r in rounds])} s)",
     ]
     for region_size in args.region_sizes:
         speeds = [r[1, region_size]["wall"] / r[2, region_size]["wall"] for r in rounds]
@@ -202,7 +198,7 @@ def main() -> None:
         in_task = [r["compute"] / (w * r["wall"]) for w, r in ((1, one), (2, two))]
         lines.append(row(f"2 workers ÷ 1, region {region_size}", f"{speed:.2f}×", "≥ 1.8×", speed >= 1.8))
         lines.append(
-            f"    median of the rounds' ratios {_listed(speeds)}; {speed / machine:.2f} of the machine's ceiling "
+            f"    median of the rounds' ratios {listed(speeds)}; {speed / machine:.2f} of the machine's ceiling "
             f"({machine:.2f}×); the median round in detail:"
         )
         lines.append(

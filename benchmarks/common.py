@@ -87,6 +87,11 @@ class PeakMemory:
         self._thread.join()
 
 
+def listed(values, digits: int = 2) -> str:
+    """Numbers as one comma-separated line (the runs behind a figure)."""
+    return ", ".join(f"{v:.{digits}f}" for v in values)
+
+
 def row(name: str, measured: str, goal: str, ok: bool | None) -> str:
     """One figure's line: name, measured, goal and verdict (``reported`` for a figure without a goal)."""
     verdict = "reported" if ok is None else "met" if ok else "NOT MET"

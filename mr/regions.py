@@ -132,7 +132,7 @@ def run_tiles(
     endpoint adapters do with their retries and throttles), one sample per tile: the batch's time since the one
     before it was done, reading excluded.
     """
-    pixels = block if isinstance(block, RegionPixels) else RegionPixels.ready(block)
+    pixels = RegionPixels.of(block)
     metrics = metrics if metrics is not None else Metrics()
     own_calls = bool(getattr(model, "records_invocations", False))
     batches = tile_batches(grid, task, batch_size)
@@ -266,7 +266,7 @@ def process_region(
     """The whole work of one region task: tiles → model → owned detections → seams settled or pending.
 
     ``model_seconds`` excludes reading the block; ``on_submitted`` is as in :func:`run_tiles`."""
-    pixels = block if isinstance(block, RegionPixels) else RegionPixels.ready(block)
+    pixels = RegionPixels.of(block)
     metrics = metrics if metrics is not None else Metrics()
     started, read_before = time.perf_counter(), pixels.seconds
     found, failed = run_tiles(pixels, grid, task, model, settings.batch_size, metrics, on_submitted)

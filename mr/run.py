@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -94,14 +95,11 @@ def compute_table(result: DetectionResult, client=None, progress: bool = False, 
     them."""
     if client is None:
         import dask
+        from dask.diagnostics import ProgressBar
 
         parts = [_Part(result, key) for key in result.built.part_keys]
-        if progress:
-            from dask.diagnostics import ProgressBar
-
-            with ProgressBar():
-                return FeatureTable.concat(dask.compute(*parts, **compute))
-        return FeatureTable.concat(dask.compute(*parts, **compute))
+        with ProgressBar() if progress else nullcontext():
+            return FeatureTable.concat(dask.compute(*parts, **compute))
     return FeatureTable.concat([settled_table(part) for part in collect_parts(result, client, progress)])
 
 

@@ -40,6 +40,11 @@ class RegionPixels:
         """Pixels already in memory (a dask block): nothing to read."""
         return cls(block)
 
+    @classmethod
+    def of(cls, block: RegionPixels | np.ndarray) -> RegionPixels:
+        """``block`` itself if it is a RegionPixels, else the array as pixels already read."""
+        return block if isinstance(block, RegionPixels) else cls.ready(block)
+
     @property
     def shape(self) -> tuple[int, ...]:
         return self.array.shape
