@@ -45,9 +45,13 @@ def uncompressed_copy(path: Path) -> Path:
 
 
 class NullModel:
-    """A model that finds nothing: what is left is the pipeline's own cost."""
+    """A model that finds nothing: what is left is the pipeline's own cost. ``run`` only sets the graph's keys apart:
+    a run with the keys of one just finished can be answered from what the scheduler has not yet let go of."""
 
     name = "null"
+
+    def __init__(self, run: int = 0) -> None:
+        self.run = run
 
     def __call__(self, tiles: np.ndarray) -> list[Detections]:
         return [Detections.empty() for _ in range(len(tiles))]
